@@ -1,0 +1,132 @@
+"""The dilation pattern: segment lengths and dilation rates, validated once.
+
+Pattern ``i`` cuts the sequence into segments of ``W_i = min(w_i, n)`` positions (the last may be
+shorter); head ``j`` keeps the positions of a segment whose index ``t`` within it has
+``t % r_i == j % r_i``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Sequence
+
+MODES = ("longnet", "head_groups")
+
+
+def _as_int_tuple(name: str, values: object) -> tuple[int, ...]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{name}={values!r} must be a sequence of positive ints")
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{name}[{i}]={v!r} must be an int (got {type(v).__name__})")
+        if v <= 0:
+            raise ValueError(f"{name}[{i}]={v} must be a positive int")
+        out.append(int(v))
+    if not out:
+        raise ValueError(f"{name}={values!r} must name at least one pattern")
+    return tuple(out)
+
+
+def check_mode(mode: object) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} must be one of {MODES}")
+    return mode  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class DilationPattern:
+    """``k`` (segment length, dilation rate) pairs; validation happens here and only here."""
+
+    segment_lengths: tuple[int, ...]
+    dilation_rates: tuple[int, ...]
+
+    def __init__(self, segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> None:
+        w = _as_int_tuple("segment_lengths", segment_lengths)
+        r = _as_int_tuple("dilation_rates", dilation_rates)
+        if len(w) != len(r):
+            raise ValueError(
+                f"segment_lengths={list(w)} and dilation_rates={list(r)} must have the same length "
+                f"(got {len(w)} and {len(r)})"
+            )
+        for i, (wi, ri) in enumerate(zip(w, r)):
+            if ri > wi:
+                raise ValueError(
+                    f"dilation_rates[{i}]={ri} must be <= segment_lengths[{i}]={wi}"
+                )
+        object.__setattr__(self, "segment_lengths", w)
+        object.__setattr__(self, "dilation_rates", r)
+
+    @classmethod
+    def of(cls, segment_lengths: "Sequence[int] | DilationPattern", dilation_rates: Sequence[int] | None = None) -> "DilationPattern":
+        """Accept a pattern or the two lists."""
+        if isinstance(segment_lengths, DilationPattern):
+            return segment_lengths
+        if dilation_rates is None:
+            raise TypeError("dilation_rates=None: pass dilation_rates with segment_lengths")
+        return _cached_pattern(tuple(segment_lengths) if isinstance(segment_lengths, (list, tuple)) else segment_lengths,
+                               tuple(dilation_rates) if isinstance(dilation_rates, (list, tuple)) else dilation_rates)
+
+    @property
+    def num_patterns(self) -> int:
+        return len(self.segment_lengths)
+
+    def effective(self, n: int) -> list[tuple[int, int]]:
+        """``(W_i, r_i)`` for a sequence of length ``n``: ``W_i = min(w_i, n)``."""
+        return [(min(w, n), r) for w, r in zip(self.segment_lengths, self.dilation_rates)]
+
+    def head_sets(self, num_heads: int, mode: str) -> list[range]:
+        """The heads that run each pattern: all of them (longnet) or the pattern's group."""
+        check_mode(mode)
+        k = self.num_patterns
+        if mode == "longnet":
+            return [range(num_heads)] * k
+        sets = []
+        start = 0
+        for i in range(k):
+            size = num_heads // k + (1 if i < num_heads % k else 0)
+            sets.append(range(start, start + size))
+            start += size
+        return sets
+
+    def flops(
+        self,
+        seq_len: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        batch: int = 1,
+        mode: str = "longnet",
+        causal: bool = False,
+        backward: bool = False,
+    ) -> float:
+        """Useful FLOPs (SPEC §3): ``4 b h_i (n/W_i) (W_i/r_i)^2 d`` summed over patterns.
+
+        Halved when causal; forward+backward counts 3.5x the forward.
+        """
+        total = 0.0
+        for (W, r), heads in zip(self.effective(seq_len), self.head_sets(num_heads, mode)):
+            total += 4.0 * batch * len(heads) * (seq_len / W) * (W / r) ** 2 * head_dim
+        if causal:
+            total /= 2
+        if backward:
+            total *= 3.5
+        return total
+
+
+_pattern_cache: dict[tuple[object, object], DilationPattern] = {}
+
+
+def _cached_pattern(w: object, r: object) -> DilationPattern:
+    key = (w, r)
+    try:
+        return _pattern_cache[key]
+    except (KeyError, TypeError):
+        pattern = DilationPattern(w, r)  # type: ignore[arg-type]
+        if len(_pattern_cache) < 256:
+            try:
+                _pattern_cache[key] = pattern
+            except TypeError:
+                pass
+        return pattern
