@@ -1,0 +1,73 @@
+"""The float64 dense oracle (SPEC 1a/1b): every implementation is checked against it.
+
+Exact LongNet is dense attention with the additive bias ``log c``, where ``c(p, key)`` counts the
+patterns whose key set for query ``p`` holds ``key``. Cost is O(h n^2): for tests and small checks only.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from dilated_attn.pattern import DilationPattern, check_mode
+from dilated_attn.validation import check_qkv, check_scale
+
+
+def multiplicity(
+    n: int, num_heads: int, pattern: DilationPattern, mode: str = "longnet", causal: bool = False
+) -> torch.Tensor:
+    """``c`` of SPEC 1a: ``(h, n, n)`` float64, the number of patterns that let query p see key k."""
+    check_mode(mode)
+    pos = torch.arange(n)
+    c = torch.zeros(num_heads, n, n, dtype=torch.float64)
+    for (W, r), heads in zip(pattern.effective(n), pattern.head_sets(num_heads, mode)):
+        seg = pos // W
+        t = pos % W
+        same_segment = seg[:, None] == seg[None, :]
+        for j in heads:
+            sel = t % r == j % r
+            allowed = same_segment & sel[:, None] & sel[None, :]
+            if causal:
+                allowed &= pos[None, :] <= pos[:, None]
+            c[j] += allowed.to(torch.float64)
+    return c
+
+
+def dilated_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int] | DilationPattern,
+    dilation_rates: Sequence[int] | None = None,
+    *,
+    mode: str = "longnet",
+    causal: bool = False,
+    scale: float | None = None,
+    return_lse: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Dense float64 dilated attention on ``(b, n, h, d)`` inputs.
+
+    Returns float64 ``out`` ``(b, n, h, d)`` and, with ``return_lse``, float64 ``lse`` ``(b, n, h)``.
+    Rows with no key give 0 and ``lse = -inf`` with zero gradients. Differentiable.
+    """
+    b, n, h, d = check_qkv(q, k, v, key_padding_mask=key_padding_mask)
+    pattern = DilationPattern.of(segment_lengths, dilation_rates)
+    scale = check_scale(scale, d)
+    c = multiplicity(n, h, pattern, mode, causal).to(q.device)  # (h, n, n)
+    bias = torch.log(c).unsqueeze(0)  # (1, h, n, n); -inf where c == 0
+    if key_padding_mask is not None:
+        bias = bias.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    q64, k64, v64 = (t.to(torch.float64).transpose(1, 2) for t in (q, k, v))  # (b, h, n, d)
+    scores = scale * (q64 @ k64.transpose(-1, -2)) + bias
+    empty = torch.isneginf(bias).all(dim=-1, keepdim=True).expand_as(scores)
+    # Empty rows take a finite stand-in so that neither the value nor the gradient becomes NaN.
+    safe = torch.where(empty, torch.zeros_like(scores), scores)
+    lse = torch.logsumexp(safe, dim=-1, keepdim=True)
+    probs = torch.where(empty, torch.zeros_like(scores), torch.exp(safe - lse))
+    out = (probs @ v64).transpose(1, 2)
+    if not return_lse:
+        return out
+    lse = torch.where(empty[..., :1], torch.full_like(lse, float("-inf")), lse)
+    return out, lse.squeeze(-1).transpose(1, 2)
