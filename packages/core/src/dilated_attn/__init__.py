@@ -1,15 +1,27 @@
-"""dilated-attn: exact LongNet dilated attention for PyTorch."""
+"""dilated-attn: exact LongNet dilated attention for PyTorch.
 
+``dilated_attention(q, k, v, segment_lengths, dilation_rates)`` on ``(batch, seq, heads, head_dim)``
+tensors, the modules ``DilatedAttention`` and ``MultiheadDilatedAttention``, a small ``LongNetLM``, and
+a pluggy registry through which backends (ring, block-sparse, fused kernels, third-party) plug in.
+"""
+
+from dilated_attn.functional import dilated_attention
 from dilated_attn.hookspecs import hookimpl
+from dilated_attn.models import LongNetLM
+from dilated_attn.modules import DilatedAttention, MultiheadDilatedAttention
 from dilated_attn.pattern import DilationPattern
 from dilated_attn.registry import available_backends, available_pools, get_backend, get_pool
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DilatedAttention",
     "DilationPattern",
+    "LongNetLM",
+    "MultiheadDilatedAttention",
     "available_backends",
     "available_pools",
+    "dilated_attention",
     "get_backend",
     "get_pool",
     "hookimpl",

@@ -1,0 +1,167 @@
+"""Plugins: in-test registration, a throwaway installed distribution, auto selection, the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from dilated_attn import MultiheadDilatedAttention, dilated_attention, hookimpl
+from dilated_attn.registry import (
+    build_registry,
+    get_backend,
+    get_registry,
+    reset_registry,
+)
+
+
+def test_builtins_register_through_the_hook():
+    registry = get_registry()
+    assert {"reference", "sdpa"} <= set(registry.backends())
+    assert registry.attention("sdpa").source.plugin == "core"
+    assert "python" in registry.pools()
+
+
+def test_unknown_backend_lists_known_names():
+    with pytest.raises(ValueError, match=r"backend='missing' is not a registered attention backend; known backends: \[.*'sdpa'"):
+        get_backend("missing")
+
+
+def test_auto_picks_highest_priority_that_fits():
+    registry = get_registry()
+    chosen = registry.select(device_type="cpu", dtype=torch.float32, mode="longnet", causal=True, needs_grad=True)
+    assert chosen.capabilities.priority >= registry.attention("sdpa").capabilities.priority
+    with pytest.raises(ValueError, match="found no attention backend for device='tpu'"):
+        registry.select(device_type="tpu", dtype=torch.float32, mode="longnet", causal=False, needs_grad=False)
+
+
+class _Recorder:
+    """An in-test plugin: scales the core result so that the test can see it ran."""
+
+    calls = 0
+
+    @hookimpl
+    def dilated_attn_register_attention(self, register):
+        def fn(q, k, v, segment_lengths, dilation_rates, *, mode, causal, scale, dropout_p, return_lse, factor=2.0):
+            _Recorder.calls += 1
+            out = dilated_attention(q, k, v, segment_lengths, dilation_rates, mode=mode, causal=causal,
+                                    scale=scale, backend="sdpa")
+            return out * factor
+
+        register("recorder", fn, devices=("cpu",), dtypes=(torch.float32,), auto=False)
+
+
+def test_in_test_plugin_used_by_name_and_unregistered():
+    registry = get_registry()
+    name = registry.register(_Recorder(), name="recorder-plugin")
+    try:
+        q = torch.randn(1, 12, 2, 4)
+        plain = dilated_attention(q, q, q, [4], [1], backend="sdpa")
+        out = dilated_attention(q, q, q, [4], [1], backend="recorder", factor=3.0)
+        torch.testing.assert_close(out, plain * 3.0)
+        with pytest.raises(ValueError, match="cannot run these inputs: dtype"):
+            dilated_attention(q.double(), q.double(), q.double(), [4], [1], backend="recorder")
+    finally:
+        registry.unregister(name)
+    assert "recorder" not in registry.backends()
+
+
+def test_duplicate_names_are_refused():
+    class Dup:
+        @hookimpl
+        def dilated_attn_register_attention(self, register):
+            register("sdpa", lambda *a, **k: None)
+
+    registry = get_registry()
+    with pytest.raises(ValueError, match="attention backend 'sdpa' registered twice"):
+        registry.register(Dup(), name="dup")
+    registry.unregister("dup")
+
+
+def test_misspelt_hook_fails_loudly():
+    class Typo:
+        @hookimpl
+        def dilated_attn_register_atention(self, register):
+            pass
+
+    registry = get_registry()
+    with pytest.raises(Exception, match="unknown hook"):
+        registry.register(Typo(), name="typo")
+    registry.plugin_manager.unregister(name="typo")
+
+
+PLUGIN_SOURCE = textwrap.dedent(
+    '''
+    import torch
+    from dilated_attn import hookimpl, dilated_attention
+
+    @hookimpl
+    def dilated_attn_register_attention(register):
+        """Registers "throwaway": the core result negated."""
+        def fn(q, k, v, segment_lengths, dilation_rates, *, mode, causal, scale, dropout_p, return_lse):
+            out = dilated_attention(q, k, v, segment_lengths, dilation_rates, mode=mode, causal=causal,
+                                    scale=scale, backend="sdpa")
+            return -out
+        register("throwaway", fn, devices=("cpu",), auto=False, note="test plugin")
+    '''
+)
+
+
+@pytest.fixture
+def installed_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A distribution installed into a temporary site dir: module, dist-info and entry point."""
+    (tmp_path / "throwaway_plugin.py").write_text(PLUGIN_SOURCE)
+    info = tmp_path / "throwaway_plugin-1.2.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: throwaway-plugin\nVersion: 1.2.3\n")
+    (info / "entry_points.txt").write_text("[dilated_attn]\nthrowaway = throwaway_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("DILATED_ATTN_LOAD_PLUGINS", raising=False)
+    reset_registry()
+    try:
+        yield tmp_path
+    finally:
+        sys.modules.pop("throwaway_plugin", None)
+        reset_registry()
+
+
+def test_entry_point_plugin_from_functional_and_module(installed_plugin):
+    backend = get_backend("throwaway")
+    assert backend.source.distribution == "throwaway-plugin" and backend.source.version == "1.2.3"
+    torch.manual_seed(0)
+    q = torch.randn(1, 16, 2, 8)
+    plain = dilated_attention(q, q, q, [8], [1], backend="sdpa")
+    torch.testing.assert_close(dilated_attention(q, q, q, [8], [1], backend="throwaway"), -plain)
+    mha = MultiheadDilatedAttention(16, 2, [8], [1], backend="throwaway")
+    ref = MultiheadDilatedAttention(16, 2, [8], [1], backend="sdpa")
+    ref.load_state_dict(mha.state_dict())
+    x = torch.randn(1, 16, 16)
+    assert not torch.allclose(mha(x)[0], ref(x)[0])
+    out = mha(x)[0]
+    out.sum().backward()
+
+
+def test_allow_list_env_var(installed_plugin, monkeypatch):
+    monkeypatch.setenv("DILATED_ATTN_LOAD_PLUGINS", "")
+    assert "throwaway" not in build_registry().backends()
+    monkeypatch.setenv("DILATED_ATTN_LOAD_PLUGINS", "throwaway")
+    assert "throwaway" in build_registry().backends()
+    monkeypatch.setenv("DILATED_ATTN_LOAD_PLUGINS", "other")
+    registry = build_registry()
+    assert "throwaway" not in registry.backends() and "sdpa" in registry.backends()
+
+
+def test_cli_lists_plugins(installed_plugin):
+    env = {"PYTHONPATH": f"{installed_plugin}:{':'.join(sys.path)}", "PATH": ""}
+    result = subprocess.run(
+        [sys.executable, "-m", "dilated_attn", "plugins"], capture_output=True, text=True, env=env, check=True
+    )
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:4] == ["kind", "name", "distribution", "version"]
+    row = next(line for line in lines if " throwaway " in line)
+    assert "throwaway-plugin" in row and "1.2.3" in row and "note=test plugin" in row
+    assert any(line.split()[:2] == ["attention", "sdpa"] for line in lines)
