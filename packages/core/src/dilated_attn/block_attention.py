@@ -26,11 +26,27 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _cuda_kernel() -> str:
-    choice = os.environ.get(CUDA_KERNEL_ENV, "flash")
-    if choice not in ("flash", "cudnn", "math"):
-        raise ValueError(f"{CUDA_KERNEL_ENV}={choice!r} must be one of 'flash', 'cudnn', 'math'")
+def _cuda_kernel(head_dim: int) -> str:
+    choice = os.environ.get(CUDA_KERNEL_ENV, "auto")
+    if choice not in ("auto", "flash", "cudnn", "math"):
+        raise ValueError(f"{CUDA_KERNEL_ENV}={choice!r} must be one of 'auto', 'flash', 'cudnn', 'math'")
+    if choice == "auto":
+        # cuDNN's fused attention is the faster of the two on Hopper for the head sizes it covers.
+        return "cudnn" if head_dim <= 128 and torch.backends.cudnn.is_available() else "flash"
     return choice
+
+
+# The fused CUDA backward ops take bookkeeping tensors that their forward returns (undefined for
+# dense batches, which Python cannot build); the first forward on each device provides them.
+_CUDA_AUX: dict[tuple[str, torch.device], tuple[object, ...]] = {}
+
+
+def _cuda_aux(kernel: str, q: torch.Tensor) -> tuple[object, ...]:
+    key = (kernel, q.device)
+    if key not in _CUDA_AUX:
+        tiny = torch.zeros(1, 1, 8, q.shape[-1], device=q.device, dtype=q.dtype)
+        attention_forward(tiny, tiny, tiny, causal=False, scale=1.0)
+    return _CUDA_AUX[key]
 
 
 def _fused_ok(q: torch.Tensor, bias: torch.Tensor | None, dropout_p: float) -> bool:
@@ -61,16 +77,18 @@ def attention_forward(
     """
     if _fused_ok(q, bias, dropout_p):
         if q.is_cuda:
-            kernel = _cuda_kernel()
+            kernel = _cuda_kernel(q.shape[-1])
             if kernel == "flash":
                 res = torch.ops.aten._scaled_dot_product_flash_attention(
                     q, k, v, 0.0, causal, False, scale=scale
                 )
+                _CUDA_AUX.setdefault((kernel, q.device), (res[2], res[3], res[6], res[7]))
                 return res[0], res[1]
             if kernel == "cudnn":
                 res = torch.ops.aten._scaled_dot_product_cudnn_attention(
                     q, k, v, None, True, 0.0, causal, False, scale=scale
                 )
+                _CUDA_AUX.setdefault((kernel, q.device), (res[2], res[3], res[6], res[7], res[1].dim()))
                 return res[0], res[1].reshape(q.shape[:-1])
         else:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -104,18 +122,21 @@ def attention_backward(
         dout = dout.to(q.dtype)
         out = out.to(q.dtype)
         if q.is_cuda:
-            kernel = _cuda_kernel()
+            kernel = _cuda_kernel(q.shape[-1])
             m_q, m_k = q.shape[2], k.shape[2]
-            empty = torch.empty(0, device=q.device, dtype=torch.int64)
             lse32 = lse.to(torch.float32).contiguous()
             if kernel == "flash":
+                cum_q, cum_k, seed, offset = _cuda_aux(kernel, q)
                 return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-                    dout, q, k, v, out, lse32, empty, empty, m_q, m_k, 0.0, causal,
-                    empty, empty, scale=scale,
+                    dout, q, k, v, out, lse32, cum_q, cum_k, m_q, m_k, 0.0, causal,
+                    seed, offset, scale=scale,
                 )
             if kernel == "cudnn":
+                cum_q, cum_k, seed, offset, lse_dim = _cuda_aux(kernel, q)
+                if lse_dim == 4:
+                    lse32 = lse32.unsqueeze(-1)
                 return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-                    dout, q, k, v, out, lse32.unsqueeze(-1), empty, empty, None, empty, empty,
+                    dout, q, k, v, out, lse32, seed, offset, None, cum_q, cum_k,
                     m_q, m_k, 0.0, causal, scale=scale,
                 )
         else:
