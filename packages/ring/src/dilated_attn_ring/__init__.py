@@ -1,0 +1,11 @@
+"""dilated-attn-ring: exact LongNet dilated attention on a sequence split across ``torch.distributed`` ranks.
+
+``ring_dilated_attention(q, k, v, segment_lengths, dilation_rates, group=...)`` on each rank's
+contiguous chunk ``(b, n_local, h, d)``; registered as the "ring" backend of ``dilated_attn``.
+"""
+
+from dilated_attn_ring.functional import ring_dilated_attention
+
+__version__ = "0.1.0"
+
+__all__ = ["ring_dilated_attention", "__version__"]

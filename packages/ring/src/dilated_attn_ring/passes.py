@@ -1,0 +1,358 @@
+"""The forward and backward passes of one rank (no autograd): local runs, then shared-segment pieces.
+
+Forward: interior segments go through the core's ``dilated_forward``; each piece attends to itself
+(causal when asked), then to the pieces of the same segment that arrive step by step, the next
+step's transfer in flight while the current one computes; per-piece results merge by LSE, and the
+pieces merge into the local result by LSE. Only the local piece and at most two remote pieces are
+held at once, whatever the world size.
+
+Backward: every block runs ``attention_backward`` with the *merged* output and LSE of its rows.
+Remote pieces are fetched again, and the key/value gradients they receive are sent back to their
+owners in the same step order (the reduce-scatter of LongNet's distributed algorithm).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from dilated_attn.block_attention import compute_dtype
+from dilated_attn.ops import (
+    attention_backward,
+    attention_forward,
+    dilated_backward,
+    dilated_forward,
+    merge_lse,
+)
+
+from dilated_attn_ring.exchange import Transfer
+from dilated_attn_ring.group import GroupInfo
+from dilated_attn_ring.pieces import (
+    add_heads,
+    block_indices,
+    gather,
+    kv_blocks,
+    kv_numel,
+    merge_heads,
+    merge_into,
+    pack_kv,
+    scatter_add,
+    select_heads,
+)
+from dilated_attn_ring.plan import Piece, RankPlan, Step
+
+Tensors = tuple[torch.Tensor, ...]
+
+
+def _rows(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    return x[:, start:stop].contiguous()
+
+
+def _local_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RankPlan, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    b, m, h, _ = q.shape
+    out: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+    for run in plan.local:
+        o, l = dilated_forward(
+            _rows(q, run.start, run.stop),
+            _rows(k, run.start, run.stop),
+            _rows(v, run.start, run.stop),
+            run.jobs,
+            causal=causal,
+            scale=scale,
+        )
+        if out is None and (run.start, run.stop) == (0, m):
+            out, lse = o, l
+            continue
+        if out is None or lse is None:
+            out, lse = _empty_result(q, v)
+        merged_out, merged_lse = merge_lse(out[:, run.start : run.stop], lse[:, run.start : run.stop], o, l)
+        out[:, run.start : run.stop] = merged_out
+        lse[:, run.start : run.stop] = merged_lse
+    if out is None or lse is None:
+        out, lse = _empty_result(q, v)
+    return out, lse
+
+
+def _empty_result(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    b, m, h, _ = q.shape
+    ct = compute_dtype(q.dtype)
+    out = torch.zeros(b, m, h, v.shape[-1], dtype=ct, device=q.device)
+    return out, torch.full((b, m, h), float("-inf"), dtype=ct, device=q.device)
+
+
+def _post_kv(
+    info: GroupInfo, step: Step, own_kv: list[torch.Tensor], batch: int, head_dim: int
+) -> tuple[Transfer, list[torch.Tensor]]:
+    like = own_kv[0]
+    bufs = [
+        torch.empty(kv_numel(receipt.remote, batch, head_dim), dtype=like.dtype, device=like.device)
+        for receipt in step.receipts
+    ]
+    transfer = Transfer(
+        info.group,
+        [(own_kv[i], step.send_to) for i in step.sends if step.send_to is not None],
+        [(buf, step.recv_from) for buf in bufs if step.recv_from is not None],
+    )
+    return transfer, bufs
+
+
+def _blocks(x: torch.Tensor, piece: Piece, indices: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [gather(x, index, len(blk.heads)) for blk, index in zip(piece.blocks, indices)]
+
+
+def ring_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: RankPlan,
+    info: GroupInfo,
+    *,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merged attention of this rank's rows: ``out`` ``(b, m, h, d)`` and ``lse`` ``(b, m, h)``.
+
+    Contiguous ``(b, m, h, d)`` inputs; results in float32 (float64 for float64 inputs).
+    """
+    out, lse = _local_forward(q, k, v, plan, causal, scale)
+    if not plan.pieces:
+        return out, lse
+    b, _, h, d = q.shape
+    indices = [block_indices(piece, h, q.device) for piece in plan.pieces]
+    own_kv = [pack_kv(k, v, piece, idx) for piece, idx in zip(plan.pieces, indices)]
+    pending = _post_kv(info, plan.steps[0], own_kv, b, d) if plan.steps else None
+
+    own_q = [_blocks(q, piece, idx) for piece, idx in zip(plan.pieces, indices)]
+    acc: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+    for piece, qs, kv in zip(plan.pieces, own_q, own_kv):
+        results = []
+        for qb, kvb in zip(qs, kv_blocks(kv, piece, b, d)):
+            o, l = attention_forward(qb, kvb[0], kvb[1], causal=causal, scale=scale)
+            results.append((o.to(out.dtype), l.to(lse.dtype)))
+        acc.append(results)
+
+    for s, step in enumerate(plan.steps):
+        assert pending is not None
+        transfer, bufs = pending
+        transfer.wait()
+        pending = _post_kv(info, plan.steps[s + 1], own_kv, b, d) if s + 1 < len(plan.steps) else None
+        for receipt, buf in zip(step.receipts, bufs):
+            remote = kv_blocks(buf, receipt.remote, b, d)
+            for pairing in receipt.pairings:
+                kvb = remote[pairing.other_block]
+                o, l = attention_forward(
+                    select_heads(own_q[receipt.own][pairing.own_block], pairing.own_heads),
+                    select_heads(kvb[0], pairing.other_heads),
+                    select_heads(kvb[1], pairing.other_heads),
+                    causal=False,
+                    scale=scale,
+                )
+                acc_out, acc_lse = acc[receipt.own][pairing.own_block]
+                merge_heads(acc_out, acc_lse, pairing.own_heads, o, l)
+
+    for idx, results in zip(indices, acc):
+        for index, (o, l) in zip(idx, results):
+            merge_into(out, lse, index, o, l)
+    return out, lse
+
+
+def _local_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dlse: torch.Tensor | None,
+    plan: RankPlan,
+    causal: bool,
+    scale: float,
+) -> Tensors:
+    m = q.shape[1]
+    grads: Tensors | None = None
+    for run in plan.local:
+        a, z = run.start, run.stop
+        g = dilated_backward(
+            _rows(dout, a, z),
+            _rows(q, a, z),
+            _rows(k, a, z),
+            _rows(v, a, z),
+            _rows(out, a, z),
+            _rows(lse, a, z),
+            run.jobs,
+            causal=causal,
+            scale=scale,
+            dlse=None if dlse is None else _rows(dlse, a, z),
+        )
+        if grads is None and (a, z) == (0, m):
+            grads = g
+            continue
+        if grads is None:
+            grads = _zero_grads(q)
+        for acc, part in zip(grads, g):
+            acc[:, a:z] += part
+    return _zero_grads(q) if grads is None else grads
+
+
+def _zero_grads(q: torch.Tensor) -> Tensors:
+    ct = compute_dtype(q.dtype)
+    return tuple(torch.zeros(q.shape, dtype=ct, device=q.device) for _ in range(3))
+
+
+@dataclass(frozen=True)
+class _QuerySide:
+    """What the query rows of one block bring to a backward: ``(b, H', count, ...)`` blocks."""
+
+    dout: torch.Tensor
+    q: torch.Tensor
+    out: torch.Tensor
+    lse: torch.Tensor
+    dlse: torch.Tensor | None
+
+    @classmethod
+    def gather(
+        cls,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        dlse: torch.Tensor | None,
+        index: torch.Tensor,
+        heads: int,
+    ) -> _QuerySide:
+        return cls(
+            gather(dout, index, heads),
+            gather(q, index, heads),
+            gather(out, index, heads),
+            gather(lse, index, heads),
+            None if dlse is None else gather(dlse, index, heads),
+        )
+
+    def heads(self, positions: tuple[int, ...] | None) -> _QuerySide:
+        """The same rows for the heads at ``positions`` of the block (all for ``None``)."""
+        if positions is None:
+            return self
+        return _QuerySide(
+            select_heads(self.dout, positions),
+            select_heads(self.q, positions),
+            select_heads(self.out, positions),
+            select_heads(self.lse, positions),
+            None if self.dlse is None else select_heads(self.dlse, positions),
+        )
+
+
+def ring_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dlse: torch.Tensor | None,
+    plan: RankPlan,
+    info: GroupInfo,
+    *,
+    causal: bool,
+    scale: float,
+) -> Tensors:
+    """Gradients ``(dq, dk, dv)`` of this rank's chunk, given the merged ``out`` and ``lse``.
+
+    Every rank of the group must call it (the transfers are collective); results in float32
+    (float64 for float64 inputs).
+    """
+    dq, dk, dv = _local_backward(dout, q, k, v, out, lse, dlse, plan, causal, scale)
+    if not plan.pieces:
+        return dq, dk, dv
+    b, _, h, d = q.shape
+    ct = dq.dtype
+    indices = [block_indices(piece, h, q.device) for piece in plan.pieces]
+    own_kv = [pack_kv(k, v, piece, idx) for piece, idx in zip(plan.pieces, indices)]
+    pending = _post_kv(info, plan.steps[0], own_kv, b, d) if plan.steps else None
+
+    queries = [
+        [
+            _QuerySide.gather(dout, q, out, lse, dlse, index, len(blk.heads))
+            for blk, index in zip(piece.blocks, idx)
+        ]
+        for piece, idx in zip(plan.pieces, indices)
+    ]
+    dq_p = [[torch.zeros(side.q.shape, dtype=ct, device=q.device) for side in sides] for sides in queries]
+    dkv_p = [torch.zeros(kv.shape, dtype=ct, device=q.device) for kv in own_kv]
+
+    for p, piece in enumerate(plan.pieces):
+        grads = kv_blocks(dkv_p[p], piece, b, d)
+        for bi, kvb in enumerate(kv_blocks(own_kv[p], piece, b, d)):
+            side = queries[p][bi]
+            gq, gk, gv = attention_backward(
+                side.dout,
+                side.q,
+                kvb[0],
+                kvb[1],
+                side.out,
+                side.lse,
+                causal=causal,
+                scale=scale,
+                dlse=side.dlse,
+            )
+            dq_p[p][bi] += gq.to(ct)
+            grads[bi][0] += gk.to(ct)
+            grads[bi][1] += gv.to(ct)
+
+    returning: tuple[Transfer, Step, list[torch.Tensor]] | None = None
+    for s, step in enumerate(plan.steps):
+        assert pending is not None
+        transfer, bufs = pending
+        transfer.wait()
+        pending = _post_kv(info, plan.steps[s + 1], own_kv, b, d) if s + 1 < len(plan.steps) else None
+        grads_out = []
+        for receipt, buf in zip(step.receipts, bufs):
+            remote = kv_blocks(buf, receipt.remote, b, d)
+            grad_buf = torch.zeros(buf.shape, dtype=ct, device=q.device)
+            remote_grads = kv_blocks(grad_buf, receipt.remote, b, d)
+            for pairing in receipt.pairings:
+                side = queries[receipt.own][pairing.own_block].heads(pairing.own_heads)
+                kvb = remote[pairing.other_block]
+                gq, gk, gv = attention_backward(
+                    side.dout,
+                    side.q,
+                    select_heads(kvb[0], pairing.other_heads),
+                    select_heads(kvb[1], pairing.other_heads),
+                    side.out,
+                    side.lse,
+                    causal=False,
+                    scale=scale,
+                    dlse=side.dlse,
+                )
+                add_heads(dq_p[receipt.own][pairing.own_block], pairing.own_heads, gq)
+                add_heads(remote_grads[pairing.other_block][0], pairing.other_heads, gk)
+                add_heads(remote_grads[pairing.other_block][1], pairing.other_heads, gv)
+            grads_out.append(grad_buf)
+        grads_in = [torch.empty_like(dkv_p[i]) for i in step.sends]
+        sent_back = Transfer(
+            info.group,
+            [(g, step.recv_from) for g in grads_out if step.recv_from is not None],
+            [(g, step.send_to) for g in grads_in if step.send_to is not None],
+        )
+        if returning is not None:
+            _collect(returning, dkv_p)
+        returning = (sent_back, step, grads_in)
+    if returning is not None:
+        _collect(returning, dkv_p)
+
+    for piece, idx, gqs, gkv in zip(plan.pieces, indices, dq_p, dkv_p):
+        for index, gq, kvb in zip(idx, gqs, kv_blocks(gkv, piece, b, d)):
+            scatter_add(dq, index, gq)
+            scatter_add(dk, index, kvb[0])
+            scatter_add(dv, index, kvb[1])
+    return dq, dk, dv
+
+
+def _collect(returning: tuple[Transfer, Step, list[torch.Tensor]], dkv_p: list[torch.Tensor]) -> None:
+    """Wait for the key/value gradients sent back for this rank's pieces and add them."""
+    transfer, step, grads_in = returning
+    transfer.wait()
+    for i, g in zip(step.sends, grads_in):
+        dkv_p[i] += g

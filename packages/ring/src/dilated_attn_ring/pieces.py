@@ -1,0 +1,127 @@
+"""Pieces as tensors: gathering a piece's head blocks, moving them, and writing results back.
+
+Every head block is a contiguous ``(b, H', count, ...)`` tensor, the layout the block-attention
+primitives take. Gathering one is an ``index_select`` on the chunk seen as ``(b, m*h, ...)``. Keys
+and values travel in one flat buffer per piece, block after block, each block stored as
+``(2, b, H', count, d)`` so that its keys and its values are contiguous views.
+"""
+
+from __future__ import annotations
+
+import torch
+from dilated_attn.ops import merge_lse
+
+from dilated_attn_ring.plan import Piece
+
+
+def block_indices(piece: Piece, num_heads: int, device: torch.device) -> list[torch.Tensor]:
+    """Per block, ``(H' * count,)`` indices of its (row, head) pairs in the chunk as ``(m * h)`` rows."""
+    out = []
+    for blk in piece.blocks:
+        firsts = torch.tensor(blk.firsts, dtype=torch.int64)
+        heads = torch.tensor(blk.heads, dtype=torch.int64)
+        rows = firsts[:, None] + piece.dilation * torch.arange(blk.count, dtype=torch.int64)[None, :]
+        out.append((rows * num_heads + heads[:, None]).reshape(-1).to(device))
+    return out
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    b, m, h = x.shape[:3]
+    return x.view(b, m * h, *x.shape[3:])
+
+
+def gather(x: torch.Tensor, index: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows ``index`` of ``x`` ``(b, m, h, *rest)`` (contiguous) as a block ``(b, heads, count, *rest)``."""
+    rows = _flat(x).index_select(1, index)
+    return rows.view(x.shape[0], heads, -1, *x.shape[3:])
+
+
+def scatter_add(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    """Add block ``values`` ``(b, H', count, d)`` into rows ``index`` of ``target`` ``(b, m, h, d)``."""
+    flat = _flat(target)
+    flat.index_add_(1, index, values.reshape(flat.shape[0], -1, flat.shape[-1]).to(target.dtype))
+
+
+def merge_into(
+    out: torch.Tensor, lse: torch.Tensor, index: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor
+) -> None:
+    """LSE-merge a block's ``(b, H', count, d)`` / ``(b, H', count)`` result into rows ``index`` in place.
+
+    ``out`` ``(b, m, h, d)`` and ``lse`` ``(b, m, h)`` are contiguous; the indices of one block are
+    distinct, so the write-back is unambiguous.
+    """
+    flat_out, flat_lse = _flat(out), _flat(lse)
+    b, d = flat_out.shape[0], flat_out.shape[-1]
+    merged_out, merged_lse = merge_lse(
+        flat_out.index_select(1, index),
+        flat_lse.index_select(1, index),
+        part_out.reshape(b, -1, d).to(out.dtype),
+        part_lse.reshape(b, -1).to(lse.dtype),
+    )
+    flat_out.index_copy_(1, index, merged_out)
+    flat_lse.index_copy_(1, index, merged_lse)
+
+
+def kv_numel(piece: Piece, batch: int, head_dim: int) -> int:
+    """Elements of a piece's key/value buffer."""
+    return 2 * batch * piece.size * head_dim
+
+
+def kv_blocks(buf: torch.Tensor, piece: Piece, batch: int, head_dim: int) -> list[torch.Tensor]:
+    """Views ``(2, b, H', count, d)`` of each block in a flat key/value buffer of ``piece``."""
+    views, at = [], 0
+    for blk in piece.blocks:
+        size = 2 * batch * blk.size * head_dim
+        views.append(buf[at : at + size].view(2, batch, len(blk.heads), blk.count, head_dim))
+        at += size
+    return views
+
+
+def pack_kv(k: torch.Tensor, v: torch.Tensor, piece: Piece, indices: list[torch.Tensor]) -> torch.Tensor:
+    """The flat key/value buffer of ``piece`` gathered from the chunk's ``k, v`` ``(b, m, h, d)``."""
+    b, d = k.shape[0], k.shape[-1]
+    buf = torch.empty(kv_numel(piece, b, d), dtype=k.dtype, device=k.device)
+    for view, index in zip(kv_blocks(buf, piece, b, d), indices):
+        for src, dst in ((k, view[0]), (v, view[1])):
+            torch.index_select(_flat(src), 1, index, out=dst.view(b, -1, d))
+    return buf
+
+
+def select_heads(x: torch.Tensor, heads: tuple[int, ...] | None) -> torch.Tensor:
+    """Heads (dim 1) at positions ``heads`` of a block, or the block itself for ``None``."""
+    if heads is None:
+        return x
+    return x.index_select(1, _positions(heads, x.device))
+
+
+def add_heads(target: torch.Tensor, heads: tuple[int, ...] | None, values: torch.Tensor) -> None:
+    """``target[:, heads] += values`` for a block (all heads for ``None``)."""
+    if heads is None:
+        target += values.to(target.dtype)
+    else:
+        target.index_add_(1, _positions(heads, target.device), values.to(target.dtype))
+
+
+def merge_heads(
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    heads: tuple[int, ...] | None,
+    part_out: torch.Tensor,
+    part_lse: torch.Tensor,
+) -> None:
+    """LSE-merge ``part_out, part_lse`` into heads ``heads`` of blocks ``out, lse`` in place."""
+    if heads is None:
+        merged_out, merged_lse = merge_lse(out, lse, part_out.to(out.dtype), part_lse.to(lse.dtype))
+        out.copy_(merged_out)
+        lse.copy_(merged_lse)
+        return
+    at = _positions(heads, out.device)
+    merged_out, merged_lse = merge_lse(
+        out.index_select(1, at), lse.index_select(1, at), part_out.to(out.dtype), part_lse.to(lse.dtype)
+    )
+    out.index_copy_(1, at, merged_out)
+    lse.index_copy_(1, at, merged_lse)
+
+
+def _positions(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(heads, dtype=torch.int64, device=device)

@@ -1,0 +1,305 @@
+"""One rank of the distributed ring tests: runs every case for its world size over gloo.
+
+Launched ``world`` times by ``test_ring_distributed.py`` (``RANK``/``WORLD_SIZE`` in the
+environment, a file store for the rendezvous). Every rank builds the same global inputs from the
+case's seed and passes its chunk; global rank 0 gathers the chunks, runs the float64 oracle on the
+whole sequence (forward and all three gradients, with a gradient flowing into ``lse`` too) and
+writes the relative errors of every case to a JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Case:
+    """One call of ``ring_dilated_attention`` on every rank, compared with the oracle."""
+
+    n_local: int
+    segment_lengths: tuple[int, ...]
+    dilation_rates: tuple[int, ...]
+    heads: int
+    mode: str
+    causal: bool
+    dtype: str = "float64"
+    batch: int = 1
+    head_dim: int = 8
+    # "world": the default group; "strided": groups {0, 2} and {1, 3}; "single": one group per rank.
+    groups: str = "world"
+
+
+# name -> (n_local, segment_lengths, dilation_rates, heads)
+GEOMETRIES: dict[str, tuple[int, tuple[int, ...], tuple[int, ...], int]] = {
+    # Every W divides n_local (W = n_local for the last): all local, no transfers.
+    "dividing": (12, (4, 6, 12), (1, 2, 3), 3),
+    # W < n_local but not dividing it: segments cross chunk edges.
+    "unaligned": (7, (3, 5), (1, 2), 3),
+    # W = n_local next to a smaller W.
+    "equal": (8, (8, 4), (2, 1), 3),
+    # W > n_local: segments span 2..4 ranks, unaligned, the last one partial.
+    "larger": (6, (9, 12, 20), (1, 2, 3), 3),
+    # W = n: one segment spans every rank.
+    "whole": (5, (2, 1000), (1, 3), 4),
+    # No r = 1: some rows have no keys at all.
+    "no-r1": (7, (6, 10), (2, 3), 3),
+    # r close to the piece length: heads without rows on some ranks, pairings of head subsets.
+    "sparse-heads": (5, (16, 40), (8, 5), 5),
+    # The same pattern twice: keys reached by both count twice.
+    "repeated": (6, (8, 8, 3), (2, 2, 1), 2),
+}
+
+VARIANTS = [(mode, causal) for mode in ("longnet", "head_groups") for causal in (False, True)]
+
+
+def _name(geometry: str, mode: str, causal: bool, extra: str = "") -> str:
+    return f"{geometry}-{mode}{'-causal' if causal else ''}{extra}"
+
+
+def cases(world: int) -> dict[str, Case]:
+    """Every case run by a launch of ``world`` ranks."""
+    out: dict[str, Case] = {}
+    for geometry, (m, w, r, h) in GEOMETRIES.items():
+        for mode, causal in VARIANTS:
+            batch = 2 if geometry in ("larger", "unaligned") and causal else 1
+            out[_name(geometry, mode, causal)] = Case(m, w, r, h, mode, causal, batch=batch)
+    for geometry in ("unaligned", "larger"):
+        m, w, r, h = GEOMETRIES[geometry]
+        for mode, causal in VARIANTS:
+            out[_name(geometry, mode, causal, "-float32")] = Case(m, w, r, h, mode, causal, "float32")
+    m, w, r, h = GEOMETRIES["larger"]
+    out["larger-longnet-causal-bfloat16"] = Case(m, w, r, h, "longnet", True, "bfloat16", head_dim=16)
+    if world == 4:
+        out["larger-longnet-causal-strided"] = Case(m, w, r, h, "longnet", True, groups="strided")
+        out["larger-head_groups-strided"] = Case(m, w, r, h, "head_groups", False, groups="strided")
+    if world == 2:
+        m, w, r, h = GEOMETRIES["unaligned"]
+        out["unaligned-longnet-causal-single"] = Case(m, w, r, h, "longnet", True, groups="single")
+    return out
+
+
+# name -> (substring every rank's ValueError must contain)
+ERROR_CASES = {
+    "n_local-differs": "n_local",
+    "heads-differ": "heads",
+    "dtype-differs": "dtype",
+    "causal-differs": "causal",
+}
+
+
+def _group_layout(kind: str, world: int) -> list[list[int]]:
+    if kind == "world":
+        return [list(range(world))]
+    if kind == "strided":
+        return [list(range(start, world, 2)) for start in range(2)]
+    if kind == "single":
+        return [[r] for r in range(world)]
+    raise ValueError(f"groups={kind!r}")
+
+
+def _inputs(case: Case, n: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shape = (case.batch, n, case.heads, case.head_dim)
+    # q, k, v, the gradient reaching out, the gradient reaching lse
+    tensors = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(4)]
+    tensors.append(torch.randn(shape[:3], generator=g, dtype=torch.float64))
+    return tensors
+
+
+def _loss(out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor) -> torch.Tensor:
+    finite = torch.isfinite(lse)
+    return (out.double() * dout).sum() + (torch.where(finite, lse.double(), 0.0) * dlse).sum()
+
+
+def _run_case(name: str, case: Case, groups: dict[str, list[tuple[list[int], Any]]]) -> Any:
+    from dilated_attn_ring import ring_dilated_attention
+
+    rank = dist.get_rank()
+    index, (members, group) = next((i, g) for i, g in enumerate(groups[case.groups]) if rank in g[0])
+    position = members.index(rank)
+    n = case.n_local * len(members)
+    seed = (sum(map(ord, name)) * 1009 + index) % (2**31)
+    q64, k64, v64, dout, dlse = _inputs(case, n, seed)
+    rows = slice(position * case.n_local, (position + 1) * case.n_local)
+    dtype = getattr(torch, case.dtype)
+    q, k, v = (t[:, rows].to(dtype).requires_grad_() for t in (q64, k64, v64))
+    out, lse = ring_dilated_attention(
+        q,
+        k,
+        v,
+        case.segment_lengths,
+        case.dilation_rates,
+        group=None if case.groups == "world" else group,
+        mode=case.mode,
+        causal=case.causal,
+        return_lse=True,
+    )
+    _loss(out, lse, dout[:, rows], dlse[:, rows]).backward()
+    grads = [t.grad for t in (q, k, v)]
+    assert all(g is not None for g in grads), "every input must receive a gradient"
+    return index, position, [out.detach(), lse.detach(), *grads]
+
+
+def _oracle_errors(name: str, case: Case, parts: list[Any], layout: list[list[int]]) -> dict[str, Any]:
+    from dilated_attn.reference import dilated_attention_reference
+    from dilated_attn.testing import relative_error
+
+    worst: dict[str, float] = {}
+    control = 0.0
+    for index, members in enumerate(layout):
+        mine = sorted((p for p in parts if p[0] == index), key=lambda p: p[1])
+        got = [torch.cat([p[2][i] for p in mine], dim=1) for i in range(5)]
+        n = case.n_local * len(members)
+        seed = (sum(map(ord, name)) * 1009 + index) % (2**31)
+        q64, k64, v64, dout, dlse = _inputs(case, n, seed)
+        q64, k64, v64 = (t.to(getattr(torch, case.dtype)).double().requires_grad_() for t in (q64, k64, v64))
+        ref_out, ref_lse = dilated_attention_reference(
+            q64,
+            k64,
+            v64,
+            case.segment_lengths,
+            case.dilation_rates,
+            mode=case.mode,
+            causal=case.causal,
+            return_lse=True,
+        )
+        _loss(ref_out, ref_lse, dout, dlse).backward()
+        expected = [ref_out, ref_lse, q64.grad, k64.grad, v64.grad]
+        for key, a, e in zip(("out", "lse", "dq", "dk", "dv"), got, expected):
+            worst[key] = max(worst.get(key, 0.0), relative_error(a, e))
+        # Negative control: the same outputs against the oracle with causality flipped must differ.
+        flipped = dilated_attention_reference(
+            q64.detach(),
+            k64.detach(),
+            v64.detach(),
+            case.segment_lengths,
+            case.dilation_rates,
+            mode=case.mode,
+            causal=not case.causal,
+        )
+        control = max(control, relative_error(got[0], flipped))
+    return {"case": asdict(case), "errors": worst, "control": control}
+
+
+def _run_error_case(name: str) -> tuple[str, str]:
+    from dilated_attn_ring import ring_dilated_attention
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    last = rank == world - 1
+    m, h, dtype, causal = 4, 3, torch.float64, False
+    if name == "n_local-differs" and last:
+        m = 5
+    if name == "heads-differ" and last:
+        h = 2
+    if name == "dtype-differs" and last:
+        dtype = torch.float32
+    if name == "causal-differs" and last:
+        causal = True
+    q = torch.randn(1, m, h, 8, dtype=dtype)
+    try:
+        ring_dilated_attention(q, q, q, [6], [1], causal=causal)
+    except Exception as exc:  # recorded and judged by the test
+        return type(exc).__name__, str(exc)
+    return "", ""
+
+
+def _run_module_case() -> dict[str, Any]:
+    """``MultiheadDilatedAttention(backend="ring")`` against one process with the oracle backend."""
+    from dilated_attn import MultiheadDilatedAttention
+    from dilated_attn.testing import relative_error
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    m, w, r, h = GEOMETRIES["larger"]
+    embed = 4 * h
+    torch.manual_seed(5)
+    ring = MultiheadDilatedAttention(embed, h, w, r, backend="ring", dtype=torch.float64)
+    full = MultiheadDilatedAttention(embed, h, w, r, backend="reference", dtype=torch.float64)
+    full.load_state_dict(ring.state_dict())
+    x = torch.randn(2, m * world, embed, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    rows = slice(rank * m, (rank + 1) * m)
+    chunk = x[:, rows].clone().requires_grad_()
+    out, _ = ring(chunk, is_causal=True)
+    out.square().sum().backward()
+    grad_w = ring.q_proj.weight.grad
+    assert grad_w is not None
+    # Sequence parallel: parameter gradients are sums over the ranks' chunks.
+    dist.all_reduce(grad_w)
+    outs = [torch.empty_like(out) for _ in range(world)]
+    grads = [torch.empty_like(chunk) for _ in range(world)]
+    dist.all_gather(outs, out.detach())
+    dist.all_gather(grads, chunk.grad)  # type: ignore[arg-type]
+    whole = x.clone().requires_grad_()
+    ref, _ = full(whole, is_causal=True)
+    ref.square().sum().backward()
+    return {
+        "errors": {
+            "out": relative_error(torch.cat(outs, dim=1), ref),
+            "dx": relative_error(torch.cat(grads, dim=1), whole.grad),  # type: ignore[arg-type]
+            "dW_q": relative_error(grad_w, full.q_proj.weight.grad),  # type: ignore[arg-type]
+        }
+    }
+
+
+def main() -> None:
+    store, out_path = sys.argv[1], sys.argv[2]
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    import dilated_attn_ring.plugin
+    from dilated_attn import registry
+
+    registry.get_registry().register(dilated_attn_ring.plugin, "ring")
+
+    groups: dict[str, list[tuple[list[int], Any]]] = {}
+    for kind in ("world", "strided", "single"):
+        if kind == "strided" and world % 2:
+            continue
+        layout = _group_layout(kind, world)
+        groups[kind] = [(members, dist.new_group(members)) for members in layout]
+
+    results: dict[str, Any] = {}
+    for name, case in cases(world).items():
+        try:
+            part = _run_case(name, case, groups)
+            failure = ""
+        except Exception:  # reported per case; the others still run
+            part, failure = None, traceback.format_exc()
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, (part, failure))
+        if rank == 0:
+            failures = [f for _, f in gathered if f]
+            if failures:
+                results[name] = {"failure": failures[0]}
+            else:
+                layout = _group_layout(case.groups, world)
+                results[name] = _oracle_errors(name, case, [p for p, _ in gathered], layout)
+
+    for name in ERROR_CASES:
+        raised: list[Any] = [None] * world
+        dist.all_gather_object(raised, _run_error_case(name))
+        results[f"error:{name}"] = {"raised": raised}
+
+    try:
+        results["module"] = _run_module_case()
+    except Exception:
+        results["module"] = {"failure": traceback.format_exc()}
+
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
