@@ -1,0 +1,90 @@
+"""``compare A.json B.json``: the speedup of B over A for every row the two runs share."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from dilated_attn_bench.records import Record
+from dilated_attn_bench.report import NA, fmt
+
+# Below this relative change a difference is read as noise.
+DEFAULT_THRESHOLD = 0.05
+
+
+@dataclass(frozen=True)
+class Change:
+    """One shared row: ``speedup = A time / B time`` (above 1: B is faster)."""
+
+    a: Record
+    b: Record
+    speedup: float | None
+    fwd_bwd_speedup: float | None
+    verdict: str
+
+
+def _speedup(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _verdict(a: Record, b: Record, speedups: Sequence[float | None], threshold: float) -> str:
+    if a.ok and not b.ok:
+        return f"regression: {b.status}"
+    if not a.ok and b.ok:
+        return f"fixed (was {a.status})"
+    if not a.ok:
+        return "both not ok"
+    known = [s for s in speedups if s is not None]
+    if any(s < 1 - threshold for s in known):
+        return "regression"
+    if any(s > 1 + threshold for s in known):
+        return "faster"
+    return "same"
+
+
+def compare(
+    a: Sequence[Record], b: Sequence[Record], *, threshold: float = DEFAULT_THRESHOLD
+) -> tuple[list[Change], list[Record], list[Record]]:
+    """Changes for the rows in both runs (in B's order), then the rows only in A and only in B."""
+    by_key = {r.key(): r for r in a}
+    b_keys = {r.key() for r in b}
+    changes = []
+    for rb in b:
+        ra = by_key.get(rb.key())
+        if ra is None:
+            continue
+        speedups = (_speedup(ra.time_ms, rb.time_ms), _speedup(ra.fwd_bwd_ms, rb.fwd_bwd_ms))
+        changes.append(Change(ra, rb, *speedups, _verdict(ra, rb, speedups, threshold)))
+    only_a = [r for r in a if r.key() not in b_keys]
+    only_b = [r for r in b if r.key() not in by_key]
+    return changes, only_a, only_b
+
+
+def _row_name(r: Record) -> str:
+    return (
+        f"{r.implementation} b={r.batch} n={r.seq_len:,} h={r.heads} d={r.head_dim} {r.dtype}"
+        + (" causal" if r.causal else "")
+        + ("" if r.mode == "longnet" else f" {r.mode}")
+    )
+
+
+def render(changes: Sequence[Change], only_a: Sequence[Record], only_b: Sequence[Record]) -> str:
+    """A Markdown table of the changes, then the unmatched rows."""
+    lines = [
+        "| Row | A fwd (ms) | B fwd (ms) | Speedup fwd | A fwd+bwd (ms) | B fwd+bwd (ms) | Speedup fwd+bwd "
+        "| Verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in changes:
+        lines.append(
+            f"| {_row_name(c.b)} | {fmt(c.a.time_ms, '.3g')} | {fmt(c.b.time_ms, '.3g')} "
+            f"| {fmt(c.speedup)}x | {fmt(c.a.fwd_bwd_ms, '.3g')} | {fmt(c.b.fwd_bwd_ms, '.3g')} "
+            f"| {fmt(c.fwd_bwd_speedup)}x | {c.verdict} |".replace(f"{NA}x", NA)
+        )
+    regressions = sum(c.verdict.startswith("regression") for c in changes)
+    faster = sum(c.verdict == "faster" for c in changes)
+    lines += ["", f"{len(changes)} shared rows: {faster} faster, {regressions} regressions."]
+    for label, rows in (("Only in A", only_a), ("Only in B", only_b)):
+        if rows:
+            lines += ["", f"{label}: " + ", ".join(_row_name(r) for r in rows)]
+    return "\n".join(lines)

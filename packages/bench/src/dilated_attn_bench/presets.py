@@ -1,0 +1,156 @@
+"""The benchmark workloads: the named presets of SPEC §3 and explicit overrides of them."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from dilated_attn.pattern import DilationPattern, check_mode
+
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "fp64": torch.float64,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bf16"``: the short name used on the command line and in reports."""
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"dtype={dtype} is not one of the benchmarked dtypes {sorted(DTYPES)}")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One benchmarked shape: inputs ``(batch, seq_len, heads, head_dim)`` and a dilation pattern."""
+
+    preset: str
+    batch: int
+    seq_len: int
+    heads: int
+    head_dim: int
+    dtype: torch.dtype
+    segment_lengths: tuple[int, ...]
+    dilation_rates: tuple[int, ...]
+    causal: bool = False
+    mode: str = "longnet"
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "seq_len", "heads", "head_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive int")
+        check_mode(self.mode)
+        DilationPattern(self.segment_lengths, self.dilation_rates)
+        dtype_name(self.dtype)
+
+    @property
+    def pattern(self) -> DilationPattern:
+        return DilationPattern.of(self.segment_lengths, self.dilation_rates)
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq_len
+
+    def key(self) -> tuple[Any, ...]:
+        """Identity of the shape of work, preset name excluded (two presets may share a shape)."""
+        return (
+            self.batch,
+            self.seq_len,
+            self.heads,
+            self.head_dim,
+            dtype_name(self.dtype),
+            self.segment_lengths,
+            self.dilation_rates,
+            self.causal,
+            self.mode,
+        )
+
+    def describe(self) -> str:
+        causal = ", causal" if self.causal else ""
+        return (
+            f"b={self.batch}, n={self.seq_len:,}, h={self.heads}, d={self.head_dim}, "
+            f"{dtype_name(self.dtype)}, {self.mode}{causal}"
+        )
+
+
+_LONGNET_SEGMENTS = (2048, 4096, 8192, 16384, 32768)
+
+# SPEC §3, verbatim: (dtype, batches, seq_lens, heads, head_dim, segment_lengths, dilation_rates).
+PRESETS: dict[
+    str, tuple[torch.dtype, tuple[int, ...], tuple[int, ...], int, int, tuple[int, ...], tuple[int, ...]]
+] = {
+    "longnet-1m": (torch.bfloat16, (1,), (1_048_576,), 16, 64, _LONGNET_SEGMENTS, (1, 2, 4, 8, 16)),
+    "longnet-256k": (torch.bfloat16, (1,), (262_144,), 16, 64, _LONGNET_SEGMENTS, (1, 2, 4, 8, 16)),
+    "paper": (torch.bfloat16, (1,), (262_144,), 12, 64, _LONGNET_SEGMENTS, (1, 2, 4, 6, 12)),
+    "seed-fp32": (
+        torch.float32,
+        (1, 2, 4),
+        (2048, 4096, 8192, 16384, 32768),
+        8,
+        64,
+        (2048, 4096, 8192),
+        (1, 2, 4),
+    ),
+    "cpu-quick": (torch.float32, (1,), (4096,), 4, 32, (512, 1024, 2048), (1, 2, 4)),
+}
+
+GPU_DEFAULT_PRESETS = ("longnet-256k", "longnet-1m")
+CPU_DEFAULT_PRESETS = ("cpu-quick",)
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Explicit command-line values; ``None`` keeps the preset's value."""
+
+    batch: Sequence[int] | None = None
+    seq_len: Sequence[int] | None = None
+    heads: int | None = None
+    head_dim: int | None = None
+    dtype: torch.dtype | None = None
+    segment_lengths: Sequence[int] | None = None
+    dilation_rates: Sequence[int] | None = None
+    causal: bool | None = None
+    mode: str | None = None
+
+    def any(self) -> bool:
+        return any(getattr(self, f.name) is not None for f in dataclasses.fields(self))
+
+
+def expand(presets: Sequence[str], overrides: Overrides = Overrides()) -> list[Workload]:
+    """The workloads of ``presets`` with ``overrides`` applied, duplicates dropped, in order.
+
+    A preset that lists several batches or lengths gives one workload per combination. When only one
+    of ``segment_lengths``/``dilation_rates`` is overridden, the other must still match its length.
+    """
+    out: list[Workload] = []
+    seen: set[tuple[Any, ...]] = set()
+    for name in presets:
+        if name not in PRESETS:
+            raise ValueError(f"preset={name!r} is not a known preset; known presets: {sorted(PRESETS)}")
+        dtype, batches, lengths, heads, head_dim, segments, dilations = PRESETS[name]
+        label = f"{name}*" if overrides.any() else name
+        for batch in overrides.batch or batches:
+            for seq_len in overrides.seq_len or lengths:
+                workload = Workload(
+                    preset=label,
+                    batch=batch,
+                    seq_len=seq_len,
+                    heads=overrides.heads or heads,
+                    head_dim=overrides.head_dim or head_dim,
+                    dtype=overrides.dtype or dtype,
+                    segment_lengths=tuple(overrides.segment_lengths or segments),
+                    dilation_rates=tuple(overrides.dilation_rates or dilations),
+                    causal=overrides.causal if overrides.causal is not None else False,
+                    mode=overrides.mode or "longnet",
+                )
+                if workload.key() not in seen:
+                    seen.add(workload.key())
+                    out.append(workload)
+    return out

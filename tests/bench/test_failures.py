@@ -1,0 +1,186 @@
+"""A failing, wrong, too large or unrunnable row is reported as such, and the run goes on."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+from dilated_attn import dilated_attention
+from dilated_attn_bench.cli import main
+from dilated_attn_bench.distributed import World
+from dilated_attn_bench.presets import Workload
+from dilated_attn_bench.records import read_json
+from dilated_attn_bench.registered import registered_backends
+from dilated_attn_bench.runner import Settings, describe_failure, measure, run
+
+SETTINGS = Settings(
+    device=torch.device("cpu"), warmup=1, repeats=2, budget_s=0.2, backward=True, dense_max_seq=4096
+)
+SMALL = Workload("test", 1, 96, 2, 8, torch.float32, (32, 64), (1, 2))
+
+
+def _core(q, k, v, segment_lengths, dilation_rates, *, mode, causal, scale, **_):
+    return dilated_attention(
+        q, k, v, segment_lengths, dilation_rates, mode=mode, causal=causal, scale=scale, backend="sdpa"
+    )
+
+
+def _raises(exc):
+    def fn(*args, **kwargs):
+        raise exc
+
+    return fn
+
+
+def _wrong_offset(q, k, v, segment_lengths, dilation_rates, **kwargs):
+    # Head j uses offset (j + 1) % r instead of j % r: a plausible bug the oracle must catch.
+    out = _core(q.roll(1, 2), k.roll(1, 2), v.roll(1, 2), segment_lengths, dilation_rates, **kwargs)
+    return out.roll(-1, 2)
+
+
+def _fails_in_backward(q, k, v, *args, **kwargs):
+    class Boom(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    return Boom.apply(_core(q, k, v, *args, **kwargs))
+
+
+def _by_name(records):
+    return {r.implementation: r for r in records}
+
+
+def test_failures_become_rows_and_the_run_continues(register_plugin):
+    cpu = {"devices": ("cpu",), "auto": False}
+    register_plugin(
+        "failing-backends",
+        backends={
+            "t-oom": (
+                _raises(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")),
+                cpu,
+            ),
+            "t-error": (_raises(ValueError("segment_lengths=[3] is bad\nsecond line")), cpu),
+            "t-wrong": (_wrong_offset, cpu),
+            "t-backward-oom": (_fails_in_backward, cpu),
+            "t-ok": (_core, cpu),
+        },
+    )
+    impls = [i for i in registered_backends() if i.name.startswith("t-")]
+    rows = _by_name(run(impls, [SMALL], SETTINGS, World(), progress=False))
+
+    assert rows["t-oom"].status == "failed: out of memory"
+    assert rows["t-oom"].time_ms is None and "failed in the forward" in rows["t-oom"].notes
+    assert rows["t-error"].status == "failed: ValueError: segment_lengths=[3] is bad"
+    wrong = rows["t-wrong"]
+    assert wrong.status.startswith("failed: wrong result (forward rel. error") and wrong.time_ms > 0
+    assert wrong.rel_error > 1e-2
+    # The forward was measured; only the forward+backward failed.
+    backward = rows["t-backward-oom"]
+    assert backward.status == "failed: out of memory" and backward.time_ms > 0 and backward.fwd_bwd_ms is None
+    assert (
+        rows["t-ok"].status == "ok" and rows["t-ok"].rel_error < 1e-5 and rows["t-ok"].grad_rel_error < 1e-4
+    )
+
+
+def test_impossible_size_fails_fast_without_allocating(tmp_path):
+    # 2**31 tokens x 2 heads x 16 dims of fp32 is 256 GiB per tensor: more than this machine holds.
+    assert (
+        main(
+            [
+                "run",
+                "--device",
+                "cpu",
+                "--seq",
+                str(2**31),
+                "--heads",
+                "2",
+                "--dim",
+                "16",
+                "--backends",
+                "sdpa,segment-ceiling,dense-sdpa-flash",
+                "--output",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    rows = _by_name(read_json(tmp_path / "results.json")[0])
+    assert rows["sdpa"].status == "failed: out of memory"
+    assert any("inputs alone need" in note for note in rows["sdpa"].notes)
+    assert rows["segment-ceiling"].status == "failed: out of memory"
+    assert rows["dense-sdpa-flash"].status.startswith("skipped: dense attention at n=2,147,483,648")
+    # The small correctness check still ran, and passed.
+    assert rows["sdpa"].rel_error < 1e-5
+
+
+def test_real_allocation_failure_is_out_of_memory():
+    try:
+        torch.empty(2**62, dtype=torch.uint8)
+    except RuntimeError as exc:
+        assert describe_failure(exc) == "out of memory"
+    else:
+        pytest.skip("this allocator accepted 4 EiB")
+
+
+def test_capabilities_and_requirements_are_skips(register_plugin):
+    register_plugin(
+        "picky-backends",
+        backends={
+            "t-ring": (_core, {"distributed": True, "auto": False}),
+            "t-needs": (_core, {"requires": ("pattern",), "auto": False}),
+            "t-bf16": (_core, {"dtypes": (torch.bfloat16,), "auto": False}),
+            "t-no-bwd": (_core, {"backward": False, "auto": False}),
+        },
+    )
+    impls = [i for i in registered_backends() if i.name.startswith("t-")]
+    rows = _by_name(run(impls, [SMALL], SETTINGS, World(), progress=False))
+    assert rows["t-ring"].status == "skipped: needs torchrun"
+    assert rows["t-needs"].status == "skipped: needs pattern"
+    assert rows["t-bf16"].status.startswith("skipped: dtype torch.float32 not in")
+    no_bwd = rows["t-no-bwd"]
+    assert no_bwd.status == "ok" and no_bwd.fwd_bwd_ms is None and no_bwd.grad_rel_error is None
+    assert "forward+backward not timed: backend declares backward=False" in no_bwd.notes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_distributed_backend_runs_under_a_process_group(register_plugin, monkeypatch):
+    """A one-rank gloo group stands in for torchrun: the distributed row runs and is checked."""
+    import torch.distributed as dist
+    from dilated_attn_bench.distributed import init_world, shutdown
+
+    for key, value in {
+        "WORLD_SIZE": "1",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+    }.items():
+        monkeypatch.setenv(key, value)
+    seen_world = []
+
+    def ring(q, k, v, *args, **kwargs):
+        seen_world.append(dist.get_world_size())
+        return _core(q, k, v, *args, **kwargs)
+
+    register_plugin("ring-like", backends={"t-ring": (ring, {"distributed": True, "auto": False})})
+    world, device = init_world(torch.device("cpu"))
+    try:
+        assert world.launched and world.size == 1 and world.is_main
+        (impl,) = [i for i in registered_backends() if i.name == "t-ring"]
+        record = measure(impl, SMALL, SETTINGS, world)
+    finally:
+        shutdown(world)
+    assert not dist.is_initialized()
+    assert record.status == "ok" and record.world_size == 1 and record.rel_error < 1e-5
+    assert seen_world and set(seen_world) == {1}
