@@ -1,0 +1,100 @@
+//! A bounded ring of the ledger's most recent events, for snapshots and for checking the stats.
+
+use std::collections::VecDeque;
+
+/// What happened to a buffer. The codes are the indices of `dilated_attn.pool.EVENT_KINDS`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum EventKind {
+    /// A miss: a new buffer, leased at once.
+    Alloc = 0,
+    /// A hit: a free buffer leased again.
+    Reuse = 1,
+    Release = 2,
+    Pin = 3,
+    Unpin = 4,
+    Evict = 5,
+    /// A missed buffer forgotten because its storage could not be allocated.
+    Abandon = 6,
+}
+
+/// One event; `requested_bytes` is the lease's request for alloc, reuse, release and abandon, else 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub kind: EventKind,
+    pub buffer_id: u64,
+    pub rounded_bytes: u64,
+    pub requested_bytes: u64,
+}
+
+/// The last `capacity` events, oldest first; older ones are dropped.
+#[derive(Debug)]
+pub struct EventRing {
+    events: VecDeque<Event>,
+    capacity: usize,
+    recorded: u64,
+}
+
+impl EventRing {
+    pub fn new(capacity: usize) -> Self {
+        EventRing {
+            events: VecDeque::with_capacity(capacity),
+            capacity,
+            recorded: 0,
+        }
+    }
+
+    pub fn push(&mut self, event: Event) {
+        self.recorded += 1;
+        if self.capacity == 0 {
+            return;
+        }
+        if self.events.len() == self.capacity {
+            self.events.pop_front();
+        }
+        self.events.push_back(event);
+    }
+
+    /// The events held, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = &Event> {
+        self.events.iter()
+    }
+
+    /// Every event ever pushed, including those the ring no longer holds.
+    pub fn recorded(&self) -> u64 {
+        self.recorded
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(buffer_id: u64) -> Event {
+        Event {
+            kind: EventKind::Pin,
+            buffer_id,
+            rounded_bytes: 512,
+            requested_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn keeps_the_newest_events() {
+        let mut ring = EventRing::new(2);
+        for id in 0..5 {
+            ring.push(event(id));
+        }
+        let ids: Vec<u64> = ring.iter().map(|e| e.buffer_id).collect();
+        assert_eq!(ids, vec![3, 4]);
+        assert_eq!(ring.recorded(), 5);
+    }
+
+    #[test]
+    fn zero_capacity_records_nothing() {
+        let mut ring = EventRing::new(0);
+        ring.push(event(1));
+        assert_eq!(ring.iter().count(), 0);
+        assert_eq!(ring.recorded(), 1);
+    }
+}
