@@ -1,0 +1,58 @@
+"""dilated-attn-sparse: block-sparse attention on PyTorch FlexAttention.
+
+``block_sparse_attention(q, k, v, pattern)`` on ``(batch, seq, heads, head_dim)`` tensors computes one
+softmax per row over the keys a sparse pattern allows, skipping empty blocks. Patterns compose with
+``|`` and ``&``. The "block_sparse" backend makes it available to ``dilated_attn`` as
+``MultiheadDilatedAttention(..., backend="block_sparse", pattern=...)``.
+"""
+
+from dilated_attn_sparse.attention import block_sparse_attention
+from dilated_attn_sparse.cache import BlockMaskCache, block_masks
+from dilated_attn_sparse.patterns import (
+    AllOf,
+    AnyOf,
+    DilatedBlocks,
+    FromMaskMod,
+    GlobalLocal,
+    LocalWindow,
+    RandomBlocks,
+    SparsePattern,
+    Strided,
+    dilated_blocks,
+    from_mask_mod,
+    global_local,
+    intersection,
+    local_window,
+    random_blocks,
+    strided,
+    union,
+)
+from dilated_attn_sparse.stats import SparsityStats, sparsity_stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AllOf",
+    "AnyOf",
+    "BlockMaskCache",
+    "DilatedBlocks",
+    "FromMaskMod",
+    "GlobalLocal",
+    "LocalWindow",
+    "RandomBlocks",
+    "SparsePattern",
+    "SparsityStats",
+    "Strided",
+    "block_masks",
+    "block_sparse_attention",
+    "dilated_blocks",
+    "from_mask_mod",
+    "global_local",
+    "intersection",
+    "local_window",
+    "random_blocks",
+    "sparsity_stats",
+    "strided",
+    "union",
+    "__version__",
+]

@@ -1,0 +1,151 @@
+"""``block_sparse_attention``: softmax attention restricted to a sparse pattern, on FlexAttention.
+
+On CUDA, FlexAttention is compiled once per shape (its fused forward and backward kernels skip the
+blocks the pattern leaves empty). On CPU it runs eagerly; FlexAttention has no CPU backward, so the
+gradients there come from ``dilated_attn.ops.attention_backward`` with the pattern as an additive
+``-inf`` bias, given FlexAttention's output and log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from dilated_attn.ops import attention_backward
+from dilated_attn.validation import check_qkv, check_scale
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, create_mask, flex_attention
+
+from dilated_attn_sparse.cache import block_masks
+from dilated_attn_sparse.compiled import compiled
+from dilated_attn_sparse.patterns import SparsePattern
+from dilated_attn_sparse.validation import check_block_size
+
+_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _flex_bnhd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: BlockMask,
+    scale: float,
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """FlexAttention on ``(b, n, h, d)`` tensors: ``out`` ``(b, n, h, d)``, ``lse`` ``(b, n, h)``.
+
+    FlexAttention takes ``(b, h, n, d)``; transposed views cost no copy, and its output keeps the
+    query's stride order, so transposing it back gives a contiguous ``(b, n, h, d)`` tensor. Its
+    public LSE is natural-log (the kernels' base-2 LSE is rescaled by the frontend), ``-inf`` with
+    an output of 0 for rows that allow no key.
+    """
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if not return_lse:
+        out = flex_attention(qt, kt, vt, block_mask=block_mask, scale=scale)
+        return out.transpose(1, 2), None  # type: ignore[union-attr]
+    out, aux = flex_attention(qt, kt, vt, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
+    lse = aux.lse
+    assert lse is not None
+    return out.transpose(1, 2), lse.transpose(1, 2)
+
+
+class _EagerBlockSparse(torch.autograd.Function):
+    """CPU: eager FlexAttention forward; backward by the core block primitive with a ``-inf`` bias."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # FlexAttention refuses CPU inputs that require grad, even under no_grad; and eager is the
+        # intended CPU path, so its advice to compile is noise here.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            out, lse = _flex_bnhd(q.detach(), k.detach(), v.detach(), block_mask, scale, True)
+        assert lse is not None
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.block_mask, ctx.scale = block_mask, scale
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, dout: torch.Tensor | None, dlse: torch.Tensor | None) -> tuple[Any, ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        block_mask: BlockMask = ctx.block_mask
+        b, n, h, _ = q.shape
+        if dout is None:
+            dout = torch.zeros_like(out)
+        mask_heads = block_mask.kv_num_blocks.shape[1]
+        allowed = create_mask(block_mask.mask_mod, 1, mask_heads, n, n, q.device)
+        bias = torch.zeros(allowed.shape, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+        bias.masked_fill_(~allowed, float("-inf"))
+        dq, dk, dv = attention_backward(
+            dout.transpose(1, 2),
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            out.transpose(1, 2),
+            lse.transpose(1, 2),
+            causal=False,
+            scale=ctx.scale,
+            bias=bias,
+            dlse=None if dlse is None else dlse.transpose(1, 2),
+        )
+        return (
+            dq.transpose(1, 2).to(q.dtype),
+            dk.transpose(1, 2).to(k.dtype),
+            dv.transpose(1, 2).to(v.dtype),
+            None,
+            None,
+        )
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: SparsePattern,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    block_size: int = 128,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention over the keys ``pattern`` allows, one softmax per row.
+
+    Args:
+        q, k, v: ``(batch, seq, heads, head_dim)``, one shape, dtype and device (any ``seq``).
+        pattern: a :class:`SparsePattern`, e.g. ``local_window(256) | dilated_blocks(16, 4)``.
+        causal: also forbid keys after the query.
+        scale: score scale, default ``head_dim ** -0.5``.
+        block_size: FlexAttention's block (a power of 2): the granularity at which empty blocks
+            are skipped.
+        return_lse: also return the natural-log log-sum-exp ``(b, n, h)`` float32.
+
+    Returns:
+        ``out`` ``(b, n, h, d)`` in the input dtype (rows allowing no key give 0, and ``lse = -inf``),
+        or ``(out, lse)``. Differentiable in ``q, k, v``, including through ``lse``.
+
+    The pattern's ``BlockMask`` is built on first use and cached (:data:`.cache.block_masks`).
+    """
+    _, n, h, d = check_qkv(q, k, v)
+    if not isinstance(pattern, SparsePattern):
+        raise TypeError(
+            f"pattern={pattern!r} must be a SparsePattern (e.g. dilated_attn_sparse.local_window(256))"
+        )
+    scale = check_scale(scale, d)
+    block_size = check_block_size(block_size)
+    device = q.device
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"q.device={device} must be a CPU or CUDA device")
+    if device.type == "cuda" and q.dtype not in _CUDA_DTYPES:
+        raise TypeError(f"q.dtype={q.dtype} must be one of {_CUDA_DTYPES} on CUDA")
+    block_mask = block_masks.get(pattern, n, h, block_size=block_size, causal=causal, device=device)
+    if device.type == "cuda":
+        flex = compiled(_flex_bnhd, ("flex", tuple(q.shape), q.dtype, device, bool(return_lse)))
+        out, lse = flex(q, k, v, block_mask, scale, bool(return_lse))
+    else:
+        out, lse = _EagerBlockSparse.apply(q, k, v, block_mask, scale)
+    if not return_lse:
+        return out
+    return out, lse.contiguous()

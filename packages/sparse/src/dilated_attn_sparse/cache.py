@@ -1,0 +1,82 @@
+"""A bounded LRU cache of ``BlockMask``s, so that a forward pass never rebuilds its mask."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable
+from typing import TYPE_CHECKING
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+from dilated_attn_sparse.masks import build_block_mask
+from dilated_attn_sparse.validation import check_block_size, check_num_heads, check_seq_len
+
+if TYPE_CHECKING:
+    from dilated_attn_sparse.patterns import SparsePattern
+
+
+def canonical_device(device: torch.device | str) -> torch.device:
+    """``cuda`` and ``cuda:0`` name one device (and one cache entry) when device 0 is current."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+class BlockMaskCache:
+    """``BlockMask``s keyed by (pattern, n, heads, block size, causal, device), least recently used
+    evicted first. ``builds`` counts the masks built since creation (or :meth:`clear`)."""
+
+    def __init__(self, maxsize: int = 16) -> None:
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+            raise ValueError(f"maxsize={maxsize!r} must be a positive int")
+        self.maxsize = maxsize
+        self.builds = 0
+        self._masks: OrderedDict[Hashable, BlockMask] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(
+        self,
+        pattern: SparsePattern,
+        seq_len: int,
+        num_heads: int,
+        *,
+        block_size: int = 128,
+        causal: bool = False,
+        device: torch.device | str = "cpu",
+    ) -> BlockMask:
+        """The mask of ``pattern`` for ``seq_len`` tokens and ``num_heads`` heads, built on a miss."""
+        seq_len = check_seq_len(seq_len)
+        num_heads = check_num_heads(num_heads)
+        block_size = check_block_size(block_size)
+        device = canonical_device(device)
+        # A head-independent pattern builds one mask that serves any number of heads.
+        heads = num_heads if pattern.per_head else None
+        key = (pattern, seq_len, heads, block_size, bool(causal), device)
+        with self._lock:
+            mask = self._masks.get(key)
+            if mask is not None:
+                self._masks.move_to_end(key)
+                return mask
+            mask = build_block_mask(
+                pattern, seq_len, num_heads, block_size=block_size, causal=bool(causal), device=device
+            )
+            self.builds += 1
+            self._masks[key] = mask
+            if len(self._masks) > self.maxsize:
+                self._masks.popitem(last=False)
+            return mask
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._masks.clear()
+            self.builds = 0
+
+
+block_masks = BlockMaskCache()
+"""The process-wide cache used by :func:`dilated_attn_sparse.block_sparse_attention`."""

@@ -1,0 +1,51 @@
+"""Building FlexAttention ``BlockMask``s from sparse patterns."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, and_masks, create_block_mask
+
+from dilated_attn_sparse.compiled import compiled
+
+if TYPE_CHECKING:
+    from dilated_attn_sparse.patterns import MaskMod, SparsePattern
+
+# Up to this many mask entries (heads x n x n), building eagerly (which materialises the dense
+# mask) is cheaper than compiling the builder; beyond it, only the compiled builder fits in memory.
+EAGER_MASK_ENTRIES = 1 << 26
+
+
+def causal_mask(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+    return q_idx >= kv_idx
+
+
+def _create(
+    mask_mod: MaskMod, heads: int | None, seq_len: int, block_size: int, device: torch.device
+) -> BlockMask:
+    return create_block_mask(mask_mod, None, heads, seq_len, seq_len, device=device, BLOCK_SIZE=block_size)
+
+
+def build_block_mask(
+    pattern: SparsePattern,
+    seq_len: int,
+    num_heads: int,
+    *,
+    block_size: int,
+    causal: bool,
+    device: torch.device,
+) -> BlockMask:
+    """The ``BlockMask`` of ``pattern`` (and the causal mask) for ``seq_len`` tokens.
+
+    Batch is broadcast (patterns never depend on it); heads too unless ``pattern.per_head``, so the
+    mask's shape is ``(1, num_heads or 1, n, n)``.
+    """
+    mask_mod = pattern.mask_mod(seq_len, device)
+    if causal:
+        mask_mod = and_masks(mask_mod, causal_mask)
+    heads = num_heads if pattern.per_head else None
+    build = _create
+    if device.type == "cuda" and (heads or 1) * seq_len * seq_len > EAGER_MASK_ENTRIES:
+        build = compiled(_create, ("block_mask", seq_len, heads, block_size, device))
+    return build(mask_mod, heads, seq_len, block_size, device)
