@@ -1,0 +1,161 @@
+"""The ring plan's geometry, checked on every rank of random layouts without any process group."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("dilated_attn_ring")
+
+from dilated_attn.ops import PatternJob, jobs_for  # noqa: E402
+from dilated_attn.pattern import DilationPattern  # noqa: E402
+from dilated_attn_ring.plan import RankPlan, rank_plan  # noqa: E402
+
+
+@st.composite
+def layouts(draw: st.DrawFn) -> tuple[tuple[PatternJob, ...], int, int, int, bool]:
+    world = draw(st.integers(1, 6))
+    m = draw(st.integers(1, 20))
+    h = draw(st.integers(1, 5))
+    n = world * m
+    jobs = []
+    for _ in range(draw(st.integers(1, 4))):
+        W = draw(st.integers(1, n))
+        r = draw(st.integers(1, W + 2))
+        heads = draw(st.lists(st.integers(0, h - 1), min_size=1, max_size=h, unique=True))
+        jobs.append(PatternJob(W, r, tuple(sorted(heads))))
+    return tuple(jobs), m, world, h, draw(st.booleans())
+
+
+def _plans(jobs: tuple[PatternJob, ...], m: int, world: int, causal: bool) -> list[RankPlan]:
+    return [rank_plan(jobs, m, world, rank, causal) for rank in range(world)]
+
+
+def _selected(job: PatternJob, n: int, start: int, stop: int, head: int) -> list[int]:
+    """Global positions in ``[start, stop)`` that ``head`` selects for ``job`` (SPEC 1)."""
+    return [p for p in range(start, stop) if (p % job.segment) % job.dilation == head % job.dilation]
+
+
+@settings(max_examples=200, deadline=None)
+@given(layouts())
+def test_every_row_is_local_or_in_exactly_one_piece(layout) -> None:
+    jobs, m, world, _, causal = layout
+    for rank, plan in enumerate(_plans(jobs, m, world, causal)):
+        for job_index, job in enumerate(jobs):
+            covered = [0] * m
+            for run in plan.local:
+                if job in run.jobs:
+                    for row in range(run.start, run.stop):
+                        covered[row] += 1
+            for piece in plan.pieces:
+                if piece.job == job_index:
+                    for p in range(piece.start, piece.stop):
+                        covered[p - rank * m] += 1
+            assert covered == [1] * m
+            assert sum(p.job == job_index for p in plan.pieces) <= 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(layouts())
+def test_local_runs_start_on_segment_boundaries(layout) -> None:
+    jobs, m, world, _, causal = layout
+    for rank, plan in enumerate(_plans(jobs, m, world, causal)):
+        for run in plan.local:
+            for job in run.jobs:
+                assert (rank * m + run.start) % job.segment == 0
+                end = rank * m + run.stop
+                assert end % job.segment == 0 or end == world * m
+
+
+@settings(max_examples=200, deadline=None)
+@given(layouts())
+def test_pieces_select_the_rows_of_their_heads(layout) -> None:
+    jobs, m, world, _, causal = layout
+    n = world * m
+    for rank, plan in enumerate(_plans(jobs, m, world, causal)):
+        for piece in plan.pieces:
+            job = jobs[piece.job]
+            assert piece.segment == piece.start // job.segment
+            rows = {}
+            for block in piece.blocks:
+                for head, first in zip(block.heads, block.firsts):
+                    rows[head] = [rank * m + first + job.dilation * i for i in range(block.count)]
+            for head in job.heads:
+                assert rows.get(head, []) == _selected(job, n, piece.start, piece.stop, head)
+
+
+@settings(max_examples=200, deadline=None)
+@given(layouts())
+def test_transfers_match_between_ranks(layout) -> None:
+    jobs, m, world, _, causal = layout
+    plans = _plans(jobs, m, world, causal)
+    for plan in plans:
+        for step in plan.steps:
+            assert step.delta > 0 or not causal
+            if step.send_to is not None:
+                peer = plans[step.send_to]
+                theirs = next(s for s in peer.steps if s.delta == step.delta)
+                sent = [plan.pieces[i] for i in step.sends]
+                assert [r.remote for r in theirs.receipts] == sent
+                assert theirs.recv_from == plan.rank
+            for receipt in step.receipts:
+                assert receipt.remote.size <= m * max(len(j.heads) for j in jobs)
+                own = plan.pieces[receipt.own]
+                assert (own.job, own.segment) == (receipt.remote.job, receipt.remote.segment)
+
+
+@settings(max_examples=200, deadline=None)
+@given(layouts())
+def test_every_shared_key_reaches_every_query_of_its_segment(layout) -> None:
+    """Per head, the pieces a piece meets (itself and its receipts) tile its segment's selected keys."""
+    jobs, m, world, _, causal = layout
+    n = world * m
+    for plan in _plans(jobs, m, world, causal):
+        for own_index, own in enumerate(plan.pieces):
+            job = jobs[own.job]
+            met: dict[int, int] = {}
+            for step in plan.steps:
+                for receipt in step.receipts:
+                    if receipt.own != own_index:
+                        continue
+                    for pairing in receipt.pairings:
+                        block = receipt.remote.blocks[pairing.other_block]
+                        positions = pairing.other_heads or range(len(block.heads))
+                        for i in positions:
+                            met[block.heads[i]] = met.get(block.heads[i], 0) + block.count
+            own_heads = {h for block in own.blocks for h in block.heads}
+            seg_start = own.segment * job.segment
+            seg_end = min(seg_start + job.segment, n)
+            for head in own_heads:
+                before = _selected(job, n, seg_start, own.start, head)
+                after = _selected(job, n, own.stop, seg_end, head)
+                assert met.get(head, 0) == len(before) + (0 if causal else len(after))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 8), st.integers(1, 64), st.booleans())
+def test_segments_dividing_the_chunk_need_no_transfers(world: int, m: int, causal: bool) -> None:
+    divisors = [w for w in (1, 2, 3, 4, 8, 16, 32) if m % w == 0]
+    pattern = DilationPattern(divisors, [min(w, 2) for w in divisors])
+    jobs = jobs_for(pattern, world * m, 4, "longnet")
+    for plan in _plans(jobs, m, world, causal):
+        assert plan.covers_chunk and not plan.steps
+
+
+def test_one_rank_runs_everything_locally() -> None:
+    jobs = jobs_for(DilationPattern([3, 5, 100], [1, 2, 7]), 13, 3, "head_groups")
+    plan = rank_plan(jobs, 13, 1, 0, False)
+    assert not plan.pieces and not plan.steps
+    assert plan.covers_chunk and plan.local[0].jobs == jobs
+
+
+def test_whole_sequence_segment_reaches_every_rank() -> None:
+    world, m = 4, 8
+    jobs = jobs_for(DilationPattern([10**6], [2]), world * m, 2, "longnet")
+    plans = _plans(jobs, m, world, False)
+    for plan in plans:
+        assert {step.delta for step in plan.steps} == {
+            q - plan.rank for q in range(world) if q != plan.rank
+        } | {plan.rank - q for q in range(world) if q != plan.rank}
+        assert [(p.start, p.stop) for p in plan.pieces] == [(plan.rank * m, (plan.rank + 1) * m)]
