@@ -6,7 +6,6 @@ import dataclasses
 
 import pytest
 import torch
-
 from dilated_attn.pool import STATS_KEYS
 from dilated_attn_bench import pool_bench
 from dilated_attn_bench.cli import main
@@ -14,11 +13,26 @@ from dilated_attn_bench.compare import compare
 from dilated_attn_bench.records import Record, read_json, write_json
 
 
-def _record(name: str, seq_len: int, time_ms: float | None, fwd_bwd_ms: float | None, status: str = "ok") -> Record:
+def _record(
+    name: str, seq_len: int, time_ms: float | None, fwd_bwd_ms: float | None, status: str = "ok"
+) -> Record:
     return Record(
-        implementation=name, kind="dilated", preset="p", batch=1, seq_len=seq_len, heads=2, head_dim=16,
-        dtype="fp32", mode="longnet", causal=False, segment_lengths=[64], dilation_rates=[1], device="cpu",
-        status=status, time_ms=time_ms, fwd_bwd_ms=fwd_bwd_ms,
+        implementation=name,
+        kind="dilated",
+        preset="p",
+        batch=1,
+        seq_len=seq_len,
+        heads=2,
+        head_dim=16,
+        dtype="fp32",
+        mode="longnet",
+        causal=False,
+        segment_lengths=[64],
+        dilation_rates=[1],
+        device="cpu",
+        status=status,
+        time_ms=time_ms,
+        fwd_bwd_ms=fwd_bwd_ms,
     )
 
 
@@ -92,9 +106,32 @@ def test_pool_report_covers_every_registered_pool(register_plugin):
 
 
 def test_pool_command_prints_both_tables(capsys):
-    assert main(["pool", "--device", "cpu", "--seq", "64,128", "--heads", "2", "--dim", "8", "--pairs", "20",
-                 "--steps", "20", "--budget-mb", "1"]) == 0
+    assert (
+        main(
+            [
+                "pool",
+                "--device",
+                "cpu",
+                "--seq",
+                "64,128",
+                "--heads",
+                "2",
+                "--dim",
+                "8",
+                "--pairs",
+                "20",
+                "--steps",
+                "20",
+                "--budget-mb",
+                "1",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "| Pool | Acquire+release (ns, median) |" in out
-    assert "| Pool | Buffers | Hits | Misses | Evictions | Bytes held (MB) | Peak held (MB) | Fragmentation |" in out
+    assert (
+        "| Pool | Buffers | Hits | Misses | Evictions | Bytes held (MB) | Peak held (MB) | Fragmentation |"
+        in out
+    )
     assert "| python |" in out and pool_bench.NO_POOL in out

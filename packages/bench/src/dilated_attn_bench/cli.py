@@ -60,8 +60,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def select_implementations(patterns: Sequence[str] | None) -> list[Implementation]:
-    """Baselines then registered backends, filtered by ``--backends`` names or globs."""
+def _matching(flag: str, patterns: Sequence[str], names: Sequence[str]) -> set[str]:
+    unknown = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unknown:
+        raise SystemExit(f"{flag}: {unknown} match no implementation; known: {list(names)}")
+    return {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+
+
+def select_implementations(
+    include: Sequence[str] | None, exclude: Sequence[str] | None = None
+) -> list[Implementation]:
+    """Baselines then registered backends, kept by ``--backends`` and dropped by ``--exclude`` globs."""
     available: list[Implementation] = [*baselines(), *registered_backends()]
     names = [impl.name for impl in available]
     clashes = {name for name in names if names.count(name) > 1}
@@ -69,12 +78,9 @@ def select_implementations(patterns: Sequence[str] | None) -> list[Implementatio
         raise SystemExit(
             f"registered backend name(s) {sorted(clashes)} clash with bench baselines; rename them"
         )
-    if not patterns:
-        return available
-    unknown = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
-    if unknown:
-        raise SystemExit(f"--backends: {unknown} match no implementation; known: {names}")
-    return [impl for impl in available if any(fnmatch.fnmatchcase(impl.name, p) for p in patterns)]
+    keep = _matching("--backends", include, names) if include else set(names)
+    keep -= _matching("--exclude", exclude, names) if exclude else set()
+    return [impl for impl in available if impl.name in keep]
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -97,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
             workloads = expand(presets, overrides)
         except (TypeError, ValueError) as exc:
             raise SystemExit(f"dilated-attn-bench run: {exc}") from None
-        implementations = select_implementations(args.backends)
+        implementations = select_implementations(args.backends, args.exclude)
         warmup, repeats, budget, once_past_s = TIMING_DEFAULTS[device.type]
         settings = Settings(
             device=device,
@@ -195,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backends", type=_names, help="implementations to run: names or globs, e.g. 'sdpa,dense-*'"
     )
+    p.add_argument(
+        "--exclude",
+        type=_names,
+        help="implementations not to run, e.g. 'reference' (the O(h n^2) float64 oracle) at long lengths",
+    )
     p.add_argument("--repeats", type=int, help="timed calls per phase, at most")
     p.add_argument("--warmup", type=int, help="untimed calls before timing")
     p.add_argument("--phase-budget", type=float, help="seconds of timed calls a phase aims for")
@@ -221,7 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("pool", help="acquire/release cost and a memory report of every registered pool")
     q.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    q.add_argument("--budget-mb", type=float, default=256.0, help="each pool's budget_bytes, in MB")
+    q.add_argument(
+        "--budget-mb",
+        type=float,
+        default=64.0,
+        help="each pool's budget_bytes in MB (default %(default)s: the replay evicts)",
+    )
     q.add_argument(
         "--seq",
         type=_ints,
