@@ -2,6 +2,8 @@
 
 from typing import final
 
+__all__ = ["__version__", "STATS_KEYS", "MAX_REQUEST_BYTES", "Ledger", "round_bytes"]
+
 __version__: str
 STATS_KEYS: list[str]
 MAX_REQUEST_BYTES: int
