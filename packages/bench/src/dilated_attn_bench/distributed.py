@@ -16,6 +16,8 @@ class World:
     rank: int = 0
     size: int = 1
     launched: bool = False
+    # Where collectives put their tensors: NCCL takes only CUDA tensors.
+    device: torch.device = torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
@@ -40,7 +42,7 @@ def init_world(device: torch.device) -> tuple[World, torch.device]:
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
         )
-    return World(dist.get_rank(), dist.get_world_size(), launched=True), device
+    return World(dist.get_rank(), dist.get_world_size(), launched=True, device=device), device
 
 
 def shutdown(world: World) -> None:
@@ -51,6 +53,15 @@ def shutdown(world: World) -> None:
 def barrier(world: World) -> None:
     if world.launched:
         dist.barrier()
+
+
+def slowest(seconds: float, world: World) -> float:
+    """The largest of every rank's ``seconds``: what all ranks base a shared decision on."""
+    if not world.launched:
+        return seconds
+    value = torch.tensor([seconds], dtype=torch.float64, device=world.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return float(value.item())
 
 
 def shard(x: torch.Tensor, world: World) -> torch.Tensor:

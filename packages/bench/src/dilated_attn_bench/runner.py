@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from dilated_attn_bench.accuracy import measure_accuracy
 from dilated_attn_bench.baselines import CEILING
-from dilated_attn_bench.distributed import World, barrier
+from dilated_attn_bench.distributed import World, barrier, slowest
 from dilated_attn_bench.implementations import KIND_DILATED, Implementation
 from dilated_attn_bench.memory import MB, PeakMemory, device_capacity_bytes, peak_memory, release
 from dilated_attn_bench.presets import Workload, dtype_name
@@ -62,7 +62,7 @@ class _Phase:
     error: str | None = None
 
 
-def _measure_phase(fn: Callable[[], Any], settings: Settings) -> _Phase:
+def _measure_phase(fn: Callable[[], Any], settings: Settings, world: World) -> _Phase:
     # The exception is turned into text here so that its traceback, and the tensors its frames
     # hold, are gone before the next row allocates.
     with warnings.catch_warnings(record=True) as caught:
@@ -76,6 +76,7 @@ def _measure_phase(fn: Callable[[], Any], settings: Settings) -> _Phase:
                     repeats=settings.repeats,
                     budget_s=settings.budget_s,
                     once_past_s=settings.once_past_s,
+                    agree=lambda seconds: slowest(seconds, world),
                 )
             return _Phase(timing, memory)
         except Exception as exc:  # noqa: BLE001 - every failure becomes the row's status
@@ -107,13 +108,13 @@ def _skip_reason(impl: Implementation, workload: Workload, settings: Settings, w
     return impl.skip_reason(workload, settings.device, world)
 
 
-def _inputs_fit(workload: Workload, settings: Settings) -> str | None:
+def _inputs_fit(workload: Workload, settings: Settings, shards: int) -> str | None:
     """A note when q, k, v and the output gradient alone exceed the device, so nothing is attempted.
 
     On a CPU an allocation that large may succeed lazily and then swap for minutes instead of failing.
     """
     itemsize = torch.empty((), dtype=workload.dtype).element_size()
-    needed = 4 * workload.tokens * workload.heads * workload.head_dim * itemsize
+    needed = 4 * workload.tokens * workload.heads * workload.head_dim * itemsize // shards
     capacity = device_capacity_bytes(settings.device)
     if needed <= capacity:
         return None
@@ -176,12 +177,12 @@ def measure(impl: Implementation, workload: Workload, settings: Settings, world:
         return record
     record.flops = impl.flops(workload)
 
-    too_big = _inputs_fit(workload, settings)
+    too_big = _inputs_fit(workload, settings, record.world_size)
     if too_big is not None:
         record.status = FAILED + OUT_OF_MEMORY
         record.notes.append(too_big)
     else:
-        _time_phases(impl, workload, settings, world, record)
+        _time_phases(impl, workload, settings, world, record, record.flops)
         release(device)
 
     if impl.kind == KIND_DILATED:
@@ -191,7 +192,7 @@ def measure(impl: Implementation, workload: Workload, settings: Settings, world:
 
 
 def _time_phases(
-    impl: Implementation, workload: Workload, settings: Settings, world: World, record: Record
+    impl: Implementation, workload: Workload, settings: Settings, world: World, record: Record, flops: float
 ) -> None:
     try:
         prepared = impl.prepare(workload, settings.device, world)
@@ -199,27 +200,27 @@ def _time_phases(
         record.status = FAILED + describe_failure(exc)
         record.notes.append("failed while allocating inputs")
         return
-    forward = _measure_phase(prepared.forward, settings)
+    # Only a distributed backend's ranks call collectives, so only they agree on call counts.
+    peers = world if impl.distributed else World()
+    forward = _measure_phase(prepared.forward, settings, peers)
     if forward.error is not None:
         record.status = FAILED + forward.error
         record.notes.append("failed in the forward")
         return
-    _fill_phase(record, "forward", forward, record.flops or 0.0, prepared.tokens)
+    _fill_phase(record, "forward", forward, flops, prepared.tokens)
 
-    no_backward = impl.no_backward_reason(settings.device)
     if not settings.backward:
         return
+    no_backward = impl.no_backward_reason(settings.device)
     if no_backward is not None:
         record.notes.append(f"forward+backward not timed: {no_backward}")
         return
-    both = _measure_phase(prepared.forward_backward, settings)
+    both = _measure_phase(prepared.forward_backward, settings, peers)
     if both.error is not None:
         record.status = FAILED + both.error
         record.notes.append("failed in the forward+backward; the forward columns are valid")
         return
-    _fill_phase(
-        record, "forward+backward", both, FWD_BWD_FLOPS_FACTOR * (record.flops or 0.0), prepared.tokens
-    )
+    _fill_phase(record, "forward+backward", both, FWD_BWD_FLOPS_FACTOR * flops, prepared.tokens)
 
 
 def _check_accuracy(

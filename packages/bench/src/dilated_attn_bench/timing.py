@@ -57,6 +57,7 @@ def time_calls(
     repeats: int,
     budget_s: float,
     once_past_s: float | None = None,
+    agree: Callable[[float], float] | None = None,
 ) -> Timing:
     """Time ``fn()``: the median and p10/p90 of up to ``repeats`` calls after ``warmup`` untimed ones.
 
@@ -68,15 +69,20 @@ def time_calls(
 
     With ``once_past_s`` set, a first call slower than that is the only sample (``first_call=True``):
     for eager CPU code, whose warm-up is negligible beside a call of many seconds.
+
+    ``agree`` maps this process's cost of a call to the one all processes decide on (the slowest
+    rank's): a distributed ``fn`` must be called the same number of times on every rank.
     """
     if warmup < 1 or repeats < 1:
         raise ValueError(f"warmup={warmup} and repeats={repeats} must both be >= 1")
+    agree = agree or (lambda seconds: seconds)
     first_ms = _one_call_ms(fn, device)
-    if once_past_s is not None and first_ms * 1e-3 > once_past_s:
+    first_s = agree(first_ms * 1e-3)
+    if once_past_s is not None and first_s > once_past_s:
         return Timing(first_ms, first_ms, first_ms, 1, first_call=True)
-    cost_s = first_ms * 1e-3
+    cost_s = first_s
     for _ in range(warmup - 1):
-        cost_s = _one_call_ms(fn, device) * 1e-3
+        cost_s = agree(_one_call_ms(fn, device) * 1e-3)
         if cost_s * repeats > budget_s:
             break
     floor = 1 if cost_s > 10 * budget_s else 3
