@@ -166,6 +166,6 @@ class DenseFlex(Implementation):
         return _closures(attend, shape, workload, device, workload.tokens)
 
 
-def baselines() -> list[Implementation]:
-    """The segment ceiling first (ratios need it), then the dense baselines."""
-    return [SegmentCeiling(), *(DenseSdpa(kernel) for kernel in SDPA_KERNELS), DenseFlex()]
+def dense_baselines() -> list[Implementation]:
+    """One dense row per SDPA kernel, then FlexAttention."""
+    return [*(DenseSdpa(kernel) for kernel in SDPA_KERNELS), DenseFlex()]

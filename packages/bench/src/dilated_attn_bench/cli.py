@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fnmatch
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,7 +14,7 @@ import torch
 
 from dilated_attn_bench import compare as compare_mod
 from dilated_attn_bench import pool_bench
-from dilated_attn_bench.baselines import baselines
+from dilated_attn_bench.baselines import SegmentCeiling, dense_baselines
 from dilated_attn_bench.distributed import init_world, shutdown
 from dilated_attn_bench.environment import default_output_dir, describe
 from dilated_attn_bench.implementations import Implementation
@@ -25,7 +27,7 @@ from dilated_attn_bench.presets import (
     Overrides,
     expand,
 )
-from dilated_attn_bench.records import read_json
+from dilated_attn_bench.records import Record, read_json
 from dilated_attn_bench.registered import registered_backends
 from dilated_attn_bench.report import headline
 from dilated_attn_bench.runner import Settings, run
@@ -39,6 +41,8 @@ TIMING_DEFAULTS: dict[str, tuple[int, int, float, float | None]] = {
     "cpu": (1, 3, 1.0, 5.0),
 }
 DENSE_MAX_SEQ = 262_144
+# Rows as they finish, one JSON record a line; removed once the full report is written.
+PARTIAL = "results.partial.jsonl"
 
 
 def _ints(text: str) -> list[int]:
@@ -70,8 +74,12 @@ def _matching(flag: str, patterns: Sequence[str], names: Sequence[str]) -> set[s
 def select_implementations(
     include: Sequence[str] | None, exclude: Sequence[str] | None = None
 ) -> list[Implementation]:
-    """Baselines then registered backends, kept by ``--backends`` and dropped by ``--exclude`` globs."""
-    available: list[Implementation] = [*baselines(), *registered_backends()]
+    """Kept by ``--backends`` and dropped by ``--exclude`` globs, cheapest first.
+
+    The segment ceiling comes first (every ratio needs it), the quadratic dense baselines last, so
+    that a run cut short still holds the dilated rows.
+    """
+    available: list[Implementation] = [SegmentCeiling(), *registered_backends(), *dense_baselines()]
     names = [impl.name for impl in available]
     clashes = {name for name in names if names.count(name) > 1}
     if clashes:
@@ -114,7 +122,18 @@ def _run(args: argparse.Namespace) -> int:
             dense_max_seq=args.dense_max_seq,
             once_past_s=once_past_s,
         )
-        records = run(implementations, workloads, settings, world)
+        out_dir = args.output or default_output_dir()
+        partial = out_dir / PARTIAL
+        if world.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            partial.write_text("")
+
+        def keep(record: Record) -> None:
+            # A run killed by a time limit still leaves every finished row behind.
+            with partial.open("a") as handle:
+                handle.write(json.dumps(dataclasses.asdict(record)) + "\n")
+
+        records = run(implementations, workloads, settings, world, on_record=keep if world.is_main else None)
         if not world.is_main:
             return 0
         meta = describe(device, world.size)
@@ -134,8 +153,8 @@ def _run(args: argparse.Namespace) -> int:
             "dense-max-seq": settings.dense_max_seq,
             "world size": world.size,
         }
-        out_dir = args.output or default_output_dir()
         paths = write_reports(out_dir, records, meta, parameters)
+        partial.unlink()
         print(console_table(records))
         print()
         print(headline(records).replace("**", ""))

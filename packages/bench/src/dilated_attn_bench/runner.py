@@ -267,15 +267,22 @@ def run(
     world: World,
     *,
     progress: bool = True,
+    on_record: Callable[[Record], None] | None = None,
 ) -> list[Record]:
-    """Measure every implementation on every workload; all ranks run the same rows in the same order."""
-    rows = [(w, impl) for w in workloads for impl in implementations]
+    """Measure each implementation on every workload, in the order given; ``on_record`` sees each row.
+
+    All ranks run the same rows in the same order.
+    """
+    rows = [(w, impl) for impl in implementations for w in workloads]
     records = []
     bar = tqdm(rows, unit="row", disable=None if (progress and world.is_main) else True, dynamic_ncols=True)
     for workload, impl in bar:
         bar.set_description(f"{impl.name} | {workload.preset} n={workload.seq_len:,}")
         barrier(world)
-        records.append(measure(impl, workload, settings, world))
+        record = measure(impl, workload, settings, world)
+        records.append(record)
+        if on_record is not None:
+            on_record(record)
     bar.close()
     attach_ratios(records)
     return records
