@@ -72,7 +72,10 @@ def test_failures_become_rows_and_the_run_continues(register_plugin):
         },
     )
     impls = [i for i in registered_backends() if i.name.startswith("t-")]
-    rows = _by_name(run(impls, [SMALL], SETTINGS, World(), progress=False))
+    seen = []
+    records = run(impls, [SMALL], SETTINGS, World(), progress=False, on_record=seen.append)
+    assert seen == records
+    rows = _by_name(records)
 
     assert rows["t-oom"].status == "failed: out of memory"
     assert rows["t-oom"].time_ms is None and "failed in the forward" in rows["t-oom"].notes

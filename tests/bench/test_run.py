@@ -85,6 +85,7 @@ def test_writes_every_file(tiny_run):
         "time_vs_seq_len.png",
         "memory_vs_seq_len.png",
     } <= names
+    assert "results.partial.jsonl" not in names  # only a run cut short leaves it
     for png in tiny_run.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
