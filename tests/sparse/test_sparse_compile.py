@@ -39,17 +39,32 @@ def test_no_recompile_per_call_and_per_parameter():
     assert backend.graphs == 2, "a new pattern kind compiles once"
 
 
+def test_mask_builder_compiles_without_graph_breaks():
+    backend = CountingBackend()
+    device = torch.device("cpu")
+    for pattern in (local_window(2), local_window(5)):
+        mask_mod = pattern.mask_mod(40, device)
+        mask = compiled(_create, ("test-mask", 40), backend=backend)(mask_mod, None, 40, 8, device)
+        expected = _create(mask_mod, None, 40, 8, device)
+        assert torch.equal(mask.kv_num_blocks, expected.kv_num_blocks)
+        assert torch.equal(mask.kv_indices, expected.kv_indices)
+        assert torch.equal(mask.full_kv_num_blocks, expected.full_kv_num_blocks)
+    assert backend.graphs == 1
+
+
+def _double(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
 def test_each_key_gets_its_own_compile_budget():
     backend = CountingBackend()
-    first = compiled(_create, ("test-mask", 1), backend=backend)
-    second = compiled(_create, ("test-mask", 2), backend=backend)
+    first = compiled(_double, ("test-budget", 1), backend=backend)
+    second = compiled(_double, ("test-budget", 2), backend=backend)
     assert first is not second
-    device = torch.device("cpu")
-    mask_mod = local_window(2).mask_mod(40, device)
-    expected = _create(mask_mod, None, 40, 8, device)
-    for build in (first, second):
-        mask = build(mask_mod, None, 40, 8, device)
-        assert torch.equal(mask.kv_num_blocks, expected.kv_num_blocks)
-        assert torch.equal(mask.full_kv_num_blocks, expected.full_kv_num_blocks)
-    # Separate code objects: the second key compiled anew instead of sharing the first's entries.
+    x = torch.ones(3)
+    assert torch.equal(first(x), second(x))
+    # Separate code objects: the second key compiled anew instead of reusing the first's entry.
+    assert backend.graphs == 2
+    first(x)
+    second(x)
     assert backend.graphs == 2

@@ -9,12 +9,19 @@ gradients there come from ``dilated_attn.ops.attention_backward`` with the patte
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 import torch
 from dilated_attn.ops import attention_backward
 from dilated_attn.validation import check_qkv, check_scale
-from torch.nn.attention.flex_attention import AuxRequest, BlockMask, create_mask, flex_attention
+from torch.nn.attention.flex_attention import (
+    AuxRequest,
+    BlockMask,
+    FlexKernelOptions,
+    create_mask,
+    flex_attention,
+)
 
 from dilated_attn_sparse.cache import block_masks
 from dilated_attn_sparse.compiled import compiled
@@ -31,6 +38,7 @@ def _flex_bnhd(
     block_mask: BlockMask,
     scale: float,
     return_lse: bool,
+    kernel_options: FlexKernelOptions | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """FlexAttention on ``(b, n, h, d)`` tensors: ``out`` ``(b, n, h, d)``, ``lse`` ``(b, n, h)``.
 
@@ -41,9 +49,17 @@ def _flex_bnhd(
     """
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if not return_lse:
-        out = flex_attention(qt, kt, vt, block_mask=block_mask, scale=scale)
+        out = flex_attention(qt, kt, vt, block_mask=block_mask, scale=scale, kernel_options=kernel_options)
         return out.transpose(1, 2), None  # type: ignore[union-attr]
-    out, aux = flex_attention(qt, kt, vt, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
+    out, aux = flex_attention(
+        qt,
+        kt,
+        vt,
+        block_mask=block_mask,
+        scale=scale,
+        kernel_options=kernel_options,
+        return_aux=AuxRequest(lse=True),
+    )
     lse = aux.lse
     assert lse is not None
     return out.transpose(1, 2), lse.transpose(1, 2)
@@ -110,6 +126,7 @@ def block_sparse_attention(
     scale: float | None = None,
     block_size: int = 128,
     return_lse: bool = False,
+    kernel_options: Mapping[str, Any] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention over the keys ``pattern`` allows, one softmax per row.
 
@@ -121,6 +138,8 @@ def block_sparse_attention(
         block_size: FlexAttention's block (a power of 2): the granularity at which empty blocks
             are skipped.
         return_lse: also return the natural-log log-sum-exp ``(b, n, h)`` float32.
+        kernel_options: FlexAttention's kernel tuning (``FlexKernelOptions``, e.g.
+            ``{"BLOCK_M": 128, "BLOCK_N": 64}``); used by the compiled CUDA kernels.
 
     Returns:
         ``out`` ``(b, n, h, d)`` in the input dtype (rows allowing no key give 0, and ``lse = -inf``),
@@ -142,8 +161,16 @@ def block_sparse_attention(
         raise TypeError(f"q.dtype={q.dtype} must be one of {_CUDA_DTYPES} on CUDA")
     block_mask = block_masks.get(pattern, n, h, block_size=block_size, causal=causal, device=device)
     if device.type == "cuda":
-        flex = compiled(_flex_bnhd, ("flex", tuple(q.shape), q.dtype, device, bool(return_lse)))
-        out, lse = flex(q, k, v, block_mask, scale, bool(return_lse))
+        options = cast(FlexKernelOptions, dict(kernel_options)) if kernel_options else None
+        key = (
+            "flex",
+            tuple(q.shape),
+            q.dtype,
+            device,
+            bool(return_lse),
+            tuple(sorted((options or {}).items())),
+        )
+        out, lse = compiled(_flex_bnhd, key)(q, k, v, block_mask, scale, bool(return_lse), options)
     else:
         out, lse = _EagerBlockSparse.apply(q, k, v, block_mask, scale)
     if not return_lse:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ def block_sparse_backend(
     return_lse: bool,
     pattern: SparsePattern | None = None,
     block_size: int = 128,
+    kernel_options: Mapping[str, Any] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention on ``(b, n, h, d)``: ``pattern`` alone decides the keys.
 
@@ -40,7 +41,15 @@ def block_sparse_backend(
     if dropout_p != 0.0:
         raise ValueError(f"dropout_p={dropout_p} is not supported by backend='block_sparse' (it must be 0)")
     return block_sparse_attention(
-        q, k, v, pattern, causal=causal, scale=scale, block_size=block_size, return_lse=return_lse
+        q,
+        k,
+        v,
+        pattern,
+        causal=causal,
+        scale=scale,
+        block_size=block_size,
+        return_lse=return_lse,
+        kernel_options=kernel_options,
     )
 
 
