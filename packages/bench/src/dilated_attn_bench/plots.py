@@ -1,4 +1,4 @@
-"""Time and memory against sequence length, log-log, one line per implementation (and batch)."""
+"""Time and memory against sequence length, log-log, one line per implementation and workload shape."""
 
 from __future__ import annotations
 
@@ -13,10 +13,17 @@ from matplotlib.figure import Figure
 
 from dilated_attn_bench.records import Record
 
-# (title, forward field, forward+backward field, y label)
+# (title, forward field, forward+backward field, y label, what an empty panel says)
 PLOTS = {
-    "time_vs_seq_len.png": ("Time per call", "time_ms", "fwd_bwd_ms", "time (ms)"),
-    "memory_vs_seq_len.png": ("Peak memory beyond inputs", "memory_mb", "fwd_bwd_memory_mb", "memory (MB)"),
+    "time_vs_seq_len.png": ("Time per call", "time_ms", "fwd_bwd_ms", "time (ms)", "no measurements"),
+    "memory_vs_seq_len.png": (
+        "Peak memory beyond inputs",
+        "memory_mb",
+        "fwd_bwd_memory_mb",
+        "memory (MB)",
+        # A CPU keeps no peak counter: an empty panel says so, where zeros would lie.
+        "no measurements\n(peak memory is measured on CUDA only)",
+    ),
 }
 
 
@@ -24,15 +31,29 @@ def _is_dense(name: str) -> bool:
     return name.startswith("dense-")
 
 
+# Workload fields that may tell two lines of one implementation apart, with their legend spelling.
+_DISTINCT = {
+    "batch": "b={}",
+    "heads": "h={}",
+    "head_dim": "d={}",
+    "dtype": "{}",
+    "mode": "{}",
+    "causal": "causal={}",
+    "dilation_rates": "r={}",
+    "segment_lengths": "w={}",
+}
+
+
 def _series(records: Sequence[Record], field: str) -> dict[str, list[tuple[int, float]]]:
-    batches = {r.batch for r in records}
+    """Points ``(seq_len, value)`` per line: an implementation, split by any workload field that varies."""
+    varying = [name for name in _DISTINCT if len({str(getattr(r, name)) for r in records}) > 1]
     lines: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for r in records:
         value = getattr(r, field)
-        if value is None or value <= 0:
+        if value is None or value <= 0:  # a log axis has no place for 0
             continue
-        label = r.implementation if len(batches) == 1 else f"{r.implementation} (b={r.batch})"
-        lines[label].append((r.seq_len, value))
+        suffix = ", ".join(_DISTINCT[name].format(getattr(r, name)) for name in varying)
+        lines[f"{r.implementation} ({suffix})" if suffix else r.implementation].append((r.seq_len, value))
     return {k: sorted(v) for k, v in lines.items()}
 
 
@@ -53,14 +74,18 @@ def _dense_reference(
 
 
 def _panel(
-    ax: Axes, lines: dict[str, list[tuple[int, float]]], title: str, ylabel: str, colors: dict[str, Any]
+    ax: Axes,
+    lines: dict[str, list[tuple[int, float]]],
+    title: str,
+    ylabel: str,
+    colors: dict[str, Any],
+    empty: str,
 ) -> None:
     ax.set_title(title)
     ax.set_xlabel("sequence length (tokens)")
     ax.set_ylabel(ylabel)
     if not lines:
-        # E.g. memory on a CPU, which keeps no peak counter: an empty panel says so, zeros would lie.
-        ax.text(0.5, 0.5, "no measurements", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
         return
     for label, pts in sorted(lines.items()):
         style = "--" if _is_dense(label) else "-"
@@ -78,7 +103,7 @@ def _panel(
 def write_plots(out_dir: Path, records: Sequence[Record], device: str) -> list[Path]:
     """Write each plot of :data:`PLOTS` as a PNG (Agg, no display needed); returns the paths."""
     paths = []
-    for filename, (title, fwd_field, both_field, ylabel) in PLOTS.items():
+    for filename, (title, fwd_field, both_field, ylabel, empty) in PLOTS.items():
         fig = Figure(figsize=(13, 5.5), layout="constrained")
         forward_ax, both_ax = fig.subplots(1, 2)
         forward, both = _series(records, fwd_field), _series(records, both_field)
@@ -88,8 +113,8 @@ def write_plots(out_dir: Path, records: Sequence[Record], device: str) -> list[P
         colors = {
             label: palette[i % len(palette)] for i, label in enumerate(sorted(forward.keys() | both.keys()))
         }
-        _panel(forward_ax, forward, "forward", ylabel, colors)
-        _panel(both_ax, both, "forward + backward", ylabel, colors)
+        _panel(forward_ax, forward, "forward", ylabel, colors, empty)
+        _panel(both_ax, both, "forward + backward", ylabel, colors, empty)
         fig.suptitle(f"{title} on {device} (log-log)")
         path = out_dir / filename
         fig.savefig(path, dpi=110)
