@@ -28,9 +28,13 @@ class Transfer:
             dist.P2POp(dist.irecv, tensor, dist.get_global_rank(group, peer), group) for tensor, peer in recvs
         ]
         self._works = dist.batch_isend_irecv(ops) if ops else []
+        # Held until the transfers finish: a buffer freed earlier could be handed out again by the
+        # CUDA caching allocator while the communication stream still reads or writes it.
+        self._tensors = [tensor for tensor, _ in (*sends, *recvs)]
 
     def wait(self) -> None:
         """Block (gloo) or order the current stream (NCCL) after every transfer of the batch."""
         for work in self._works:
             work.wait()
         self._works = []
+        self._tensors = []

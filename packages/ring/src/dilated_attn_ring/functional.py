@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 import torch.distributed as dist
@@ -59,6 +59,54 @@ class _RingDilatedAttention(torch.autograd.Function):
             scale=ctx.scale,
         )
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+@overload
+def ring_dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int] | DilationPattern,
+    dilation_rates: Sequence[int] | None = None,
+    *,
+    group: dist.ProcessGroup | None = None,
+    mode: str = "longnet",
+    causal: bool = False,
+    scale: float | None = None,
+    return_lse: Literal[False] = False,
+) -> torch.Tensor: ...
+
+
+@overload
+def ring_dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int] | DilationPattern,
+    dilation_rates: Sequence[int] | None = None,
+    *,
+    group: dist.ProcessGroup | None = None,
+    mode: str = "longnet",
+    causal: bool = False,
+    scale: float | None = None,
+    return_lse: Literal[True],
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def ring_dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int] | DilationPattern,
+    dilation_rates: Sequence[int] | None = None,
+    *,
+    group: dist.ProcessGroup | None = None,
+    mode: str = "longnet",
+    causal: bool = False,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def ring_dilated_attention(

@@ -93,8 +93,8 @@ def _post_kv(
     ]
     transfer = Transfer(
         info.group,
-        [(own_kv[i], step.send_to) for i in step.sends if step.send_to is not None],
-        [(buf, step.recv_from) for buf in bufs if step.recv_from is not None],
+        [(own_kv[send.piece], send.peer) for send in step.sends],
+        [(buf, receipt.peer) for buf, receipt in zip(bufs, step.receipts)],
     )
     return transfer, bufs
 
@@ -330,11 +330,11 @@ def ring_backward(
                 add_heads(remote_grads[pairing.other_block][0], pairing.other_heads, gk)
                 add_heads(remote_grads[pairing.other_block][1], pairing.other_heads, gv)
             grads_out.append(grad_buf)
-        grads_in = [torch.empty_like(dkv_p[i]) for i in step.sends]
+        grads_in = [torch.empty_like(dkv_p[send.piece]) for send in step.sends]
         sent_back = Transfer(
             info.group,
-            [(g, step.recv_from) for g in grads_out if step.recv_from is not None],
-            [(g, step.send_to) for g in grads_in if step.send_to is not None],
+            [(g, receipt.peer) for g, receipt in zip(grads_out, step.receipts)],
+            [(g, send.peer) for g, send in zip(grads_in, step.sends)],
         )
         if returning is not None:
             _collect(returning, dkv_p)
@@ -354,5 +354,5 @@ def _collect(returning: tuple[Transfer, Step, list[torch.Tensor]], dkv_p: list[t
     """Wait for the key/value gradients sent back for this rank's pieces and add them."""
     transfer, step, grads_in = returning
     transfer.wait()
-    for i, g in zip(step.sends, grads_in):
-        dkv_p[i] += g
+    for send, g in zip(step.sends, grads_in):
+        dkv_p[send.piece] += g

@@ -7,11 +7,11 @@ on a segment-aligned slice. A segment that crosses a chunk edge is *shared* by t
 touches; each of them holds one *piece* of it, and each piece's selected queries must see the
 selected keys of every piece of the segment.
 
-Two ranks share at most one segment per job (segments are disjoint intervals), so a transfer between
-ranks ``p`` and ``q = p + delta`` is named by ``delta`` alone: at step ``delta`` every rank sends its
-pieces to ``q + delta`` and receives from ``q - delta``. Causal attention needs only ``delta > 0``
-(keys from earlier ranks); the steps run ``1, -1, 2, -2, ...`` otherwise. Everything here is plain
-Python, cached, and identical on every rank that computes it.
+Two ranks share at most one segment per job (segments are disjoint intervals), so the transfers are
+named by the distance between ranks: at step ``distance`` a rank exchanges pieces with the ranks
+``distance`` before and after it, all in one batch. Causal attention needs keys from earlier ranks
+only, so pieces then flow forward alone. Everything here is plain Python, cached, and identical on
+every rank that computes it.
 """
 
 from __future__ import annotations
@@ -81,21 +81,28 @@ class Pairing:
 
 @dataclass(frozen=True)
 class Receipt:
-    """A remote piece arriving at a step, and how it meets the local piece of the same segment."""
+    """A piece arriving from ``peer``, and how it meets the local piece ``own`` of the same segment."""
 
+    peer: int
     remote: Piece
     own: int
     pairings: tuple[Pairing, ...]
 
 
 @dataclass(frozen=True)
-class Step:
-    """Transfers at ``delta``: own pieces go to ``send_to``, remote pieces come from ``recv_from``."""
+class Send:
+    """Local piece ``piece`` going to ``peer``."""
 
-    delta: int
-    send_to: int | None
-    sends: tuple[int, ...]
-    recv_from: int | None
+    peer: int
+    piece: int
+
+
+@dataclass(frozen=True)
+class Step:
+    """The transfers with the ranks at ``distance``: earlier ranks first, then later ones (if any)."""
+
+    distance: int
+    sends: tuple[Send, ...]
     receipts: tuple[Receipt, ...]
 
 
@@ -206,13 +213,12 @@ def _pairings(own: Piece, other: Piece) -> tuple[Pairing, ...]:
     return tuple(pairings)
 
 
-def _deltas(world: int, causal: bool) -> list[int]:
-    out = []
-    for distance in range(1, world):
-        out.append(distance)
-        if not causal:
-            out.append(-distance)
-    return out
+def _peers(rank: int, distance: int, world: int, causal: bool) -> tuple[list[int], list[int]]:
+    """Who this rank sends to and receives from at ``distance``; causal keys only flow forward."""
+    earlier, later = rank - distance, rank + distance
+    send_to = [p for p in (later,) if p < world] + ([] if causal or earlier < 0 else [earlier])
+    recv_from = [p for p in (earlier,) if p >= 0] + ([] if causal or later >= world else [later])
+    return send_to, recv_from
 
 
 @functools.lru_cache(maxsize=64)
@@ -229,36 +235,30 @@ def rank_plan(jobs: tuple[PatternJob, ...], n_local: int, world: int, rank: int,
     own_piece = {(p.job, p.segment): i for i, p in enumerate(pieces)}
 
     steps = []
-    for delta in _deltas(world, causal):
-        send_to, recv_from = rank + delta, rank - delta
-        sends: list[int] = []
+    for distance in range(1, world):
+        send_to, recv_from = _peers(rank, distance, world, causal)
+        sends: list[Send] = []
         receipts: list[Receipt] = []
-        for job_index, job in enumerate(jobs):
-            # Both ends derive the pairings from the same two pieces, so they agree on what moves.
-            if 0 <= send_to < world:
-                s = shared_segment(job, m, world, rank, send_to)
+        # Both ends derive the pairings from the same two pieces, so they agree on what moves; the
+        # messages between two ranks go in job order in each direction.
+        for peer in send_to:
+            for job_index, job in enumerate(jobs):
+                s = shared_segment(job, m, world, rank, peer)
                 if s is not None:
-                    theirs = _piece(job_index, job, s, m, n, send_to)
+                    theirs = _piece(job_index, job, s, m, n, peer)
                     if _pairings(theirs, pieces[own_piece[job_index, s]]):
-                        sends.append(own_piece[job_index, s])
-            if 0 <= recv_from < world:
-                s = shared_segment(job, m, world, rank, recv_from)
+                        sends.append(Send(peer, own_piece[job_index, s]))
+        for peer in recv_from:
+            for job_index, job in enumerate(jobs):
+                s = shared_segment(job, m, world, rank, peer)
                 if s is not None:
-                    remote = _piece(job_index, job, s, m, n, recv_from)
+                    remote = _piece(job_index, job, s, m, n, peer)
                     own = own_piece[job_index, s]
                     pairings = _pairings(pieces[own], remote)
                     if pairings:
-                        receipts.append(Receipt(remote, own, pairings))
+                        receipts.append(Receipt(peer, remote, own, pairings))
         if sends or receipts:
-            steps.append(
-                Step(
-                    delta,
-                    send_to if sends else None,
-                    tuple(sends),
-                    recv_from if receipts else None,
-                    tuple(receipts),
-                )
-            )
+            steps.append(Step(distance, tuple(sends), tuple(receipts)))
     # Longest run first: when it spans the chunk its result is the accumulator, with no copy.
     ordered = sorted(runs.items(), key=lambda item: (item[0][0] - item[0][1], item[0][0]))
     local = tuple(LocalRun(start, stop, tuple(js)) for (start, stop), js in ordered)
