@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from dilated_attn.pattern import DilationPattern, check_mode
@@ -80,25 +80,28 @@ class Workload:
         )
 
 
-_LONGNET_SEGMENTS = (2048, 4096, 8192, 16384, 32768)
+class Preset(NamedTuple):
+    """A named set of workloads: every batch x every length, one shape and pattern."""
 
-# SPEC §3, verbatim: (dtype, batches, seq_lens, heads, head_dim, segment_lengths, dilation_rates).
-PRESETS: dict[
-    str, tuple[torch.dtype, tuple[int, ...], tuple[int, ...], int, int, tuple[int, ...], tuple[int, ...]]
-] = {
-    "longnet-1m": (torch.bfloat16, (1,), (1_048_576,), 16, 64, _LONGNET_SEGMENTS, (1, 2, 4, 8, 16)),
-    "longnet-256k": (torch.bfloat16, (1,), (262_144,), 16, 64, _LONGNET_SEGMENTS, (1, 2, 4, 8, 16)),
-    "paper": (torch.bfloat16, (1,), (262_144,), 12, 64, _LONGNET_SEGMENTS, (1, 2, 4, 6, 12)),
-    "seed-fp32": (
-        torch.float32,
-        (1, 2, 4),
-        (2048, 4096, 8192, 16384, 32768),
-        8,
-        64,
-        (2048, 4096, 8192),
-        (1, 2, 4),
-    ),
-    "cpu-quick": (torch.float32, (1,), (4096,), 4, 32, (512, 1024, 2048), (1, 2, 4)),
+    dtype: torch.dtype
+    batches: tuple[int, ...]
+    seq_lens: tuple[int, ...]
+    heads: int
+    head_dim: int
+    segment_lengths: tuple[int, ...]
+    dilation_rates: tuple[int, ...]
+
+
+_LONGNET_SEGMENTS = (2048, 4096, 8192, 16384, 32768)
+_SEED_LENGTHS = (2048, 4096, 8192, 16384, 32768)
+
+# SPEC §3, verbatim.
+PRESETS: dict[str, Preset] = {
+    "longnet-1m": Preset(torch.bfloat16, (1,), (1_048_576,), 16, 64, _LONGNET_SEGMENTS, (1, 2, 4, 8, 16)),
+    "longnet-256k": Preset(torch.bfloat16, (1,), (262_144,), 16, 64, _LONGNET_SEGMENTS, (1, 2, 4, 8, 16)),
+    "paper": Preset(torch.bfloat16, (1,), (262_144,), 12, 64, _LONGNET_SEGMENTS, (1, 2, 4, 6, 12)),
+    "seed-fp32": Preset(torch.float32, (1, 2, 4), _SEED_LENGTHS, 8, 64, (2048, 4096, 8192), (1, 2, 4)),
+    "cpu-quick": Preset(torch.float32, (1,), (4096,), 4, 32, (512, 1024, 2048), (1, 2, 4)),
 }
 
 GPU_DEFAULT_PRESETS = ("longnet-256k", "longnet-1m")
@@ -123,32 +126,36 @@ class Overrides:
         return any(getattr(self, f.name) is not None for f in dataclasses.fields(self))
 
 
+def _pick(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
 def expand(presets: Sequence[str], overrides: Overrides = Overrides()) -> list[Workload]:
     """The workloads of ``presets`` with ``overrides`` applied, duplicates dropped, in order.
 
-    A preset that lists several batches or lengths gives one workload per combination. When only one
-    of ``segment_lengths``/``dilation_rates`` is overridden, the other must still match its length.
+    A preset that lists several batches or lengths gives one workload per combination; an
+    overridden preset is labelled ``<name>*``. Every workload is validated (``ValueError``).
     """
     out: list[Workload] = []
     seen: set[tuple[Any, ...]] = set()
     for name in presets:
         if name not in PRESETS:
             raise ValueError(f"preset={name!r} is not a known preset; known presets: {sorted(PRESETS)}")
-        dtype, batches, lengths, heads, head_dim, segments, dilations = PRESETS[name]
+        preset = PRESETS[name]
         label = f"{name}*" if overrides.any() else name
-        for batch in overrides.batch or batches:
-            for seq_len in overrides.seq_len or lengths:
+        for batch in _pick(overrides.batch, preset.batches):
+            for seq_len in _pick(overrides.seq_len, preset.seq_lens):
                 workload = Workload(
                     preset=label,
                     batch=batch,
                     seq_len=seq_len,
-                    heads=overrides.heads or heads,
-                    head_dim=overrides.head_dim or head_dim,
-                    dtype=overrides.dtype or dtype,
-                    segment_lengths=tuple(overrides.segment_lengths or segments),
-                    dilation_rates=tuple(overrides.dilation_rates or dilations),
-                    causal=overrides.causal if overrides.causal is not None else False,
-                    mode=overrides.mode or "longnet",
+                    heads=_pick(overrides.heads, preset.heads),
+                    head_dim=_pick(overrides.head_dim, preset.head_dim),
+                    dtype=_pick(overrides.dtype, preset.dtype),
+                    segment_lengths=tuple(_pick(overrides.segment_lengths, preset.segment_lengths)),
+                    dilation_rates=tuple(_pick(overrides.dilation_rates, preset.dilation_rates)),
+                    causal=_pick(overrides.causal, False),
+                    mode=_pick(overrides.mode, "longnet"),
                 )
                 if workload.key() not in seen:
                     seen.add(workload.key())
