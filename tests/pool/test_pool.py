@@ -58,6 +58,25 @@ def test_release_then_acquire_reuses_the_warmest_buffer(make_pool) -> None:
     assert (stats["hits"], stats["misses"], stats["num_buffers"], stats["num_free"]) == (1, 2, 2, 1)
 
 
+def test_a_holder_cannot_taint_the_next_holders_tensor(make_pool) -> None:
+    pool = make_pool()
+    first = pool.acquire((4, 8), F32, "cpu")
+    first.tensor.copy_(torch.ones(4, 8, requires_grad=True))  # attaches autograd history
+    assert first.tensor.grad_fn is not None
+    first.tensor.unsqueeze_(0)
+    first.release()
+    second = pool.acquire((4, 8), F32, "cpu")
+    assert second.buffer_id == first.buffer_id
+    t = second.tensor
+    assert (tuple(t.shape), t.requires_grad, t.grad_fn, t.is_contiguous()) == ((4, 8), False, None, True)
+    assert t.data_ptr() == first.tensor.data_ptr() and torch.all(t == 1.0)
+    t.requires_grad_(True)
+    second.release()
+    third = pool.acquire((8, 4), F32, "cpu")
+    assert third.buffer_id == first.buffer_id
+    assert (tuple(third.tensor.shape), third.tensor.requires_grad) == ((8, 4), False)
+
+
 def test_buckets_separate_dtype_device_and_size(make_pool) -> None:
     pool = make_pool()
     first = pool.acquire((128,), F32, "cpu")

@@ -506,12 +506,35 @@ class _Place(NamedTuple):
     proto: torch.Tensor
 
 
+class _Stored:
+    """A pooled storage and a tensor over it in the shape of its latest lease.
+
+    Each lease gets ``view.detach()``: a new tensor object (a third of the cost of building a view
+    from scratch) that is a non-differentiable alias, so whatever its holder does to it (in-place
+    ops that attach autograd history, ``requires_grad_``, in-place reshapes) never reaches ``view``
+    or the next holder.
+    """
+
+    __slots__ = ("storage", "dims", "view")
+
+    def __init__(self, storage: torch.UntypedStorage, dims: tuple[int, ...], view: torch.Tensor) -> None:
+        self.storage = storage
+        self.dims = dims
+        self.view = view
+
+
+def _view(place: _Place, storage: torch.UntypedStorage, dims: tuple[int, ...]) -> torch.Tensor:
+    """A contiguous ``dims`` tensor of ``place``'s dtype over the start of ``storage``."""
+    # Without a stride, set_ lays the view out contiguously; torch's stubs lack that overload.
+    return place.proto.new_empty(0).set_(storage, 0, dims)  # type: ignore[call-overload]
+
+
 class LedgerPool:
     """A ``BufferPool`` over a ``PoolLedger``: it owns the storages and makes the tensor views."""
 
     def __init__(self, ledger: PoolLedger) -> None:
         self._ledger = ledger
-        self._storages: dict[int, torch.UntypedStorage] = {}
+        self._storages: dict[int, _Stored] = {}
         self._places: dict[tuple[DeviceLike, torch.dtype], _Place] = {}
         self._device_codes: dict[torch.device, int] = {}
         self._dtype_codes: dict[torch.dtype, int] = {}
@@ -540,12 +563,13 @@ class LedgerPool:
             except BaseException:
                 self._ledger.abandon(buffer_id, serial)
                 raise
-            self._storages[buffer_id] = storage
+            stored = self._storages[buffer_id] = _Stored(storage, dims, _view(place, storage, dims))
         else:
-            storage = self._storages[buffer_id]
-        # Without a stride, set_ lays the view out contiguously; torch's stubs lack that overload.
-        tensor = place.proto.new_empty(0).set_(storage, 0, dims)  # type: ignore[call-overload]
-        return Lease(self, buffer_id, serial, nbytes, tensor)
+            # Only this lease's holder touches the entry of a leased buffer: no lock needed.
+            stored = self._storages[buffer_id]
+            if stored.dims != dims:
+                stored.dims, stored.view = dims, _view(place, stored.storage, dims)
+        return Lease(self, buffer_id, serial, nbytes, stored.view.detach())
 
     def release(self, lease: Lease) -> None:
         """Return ``lease``'s buffer to the pool; a second release raises ``ValueError``."""
