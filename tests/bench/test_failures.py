@@ -39,6 +39,16 @@ def _wrong_offset(q, k, v, segment_lengths, dilation_rates, **kwargs):
     return out.roll(-1, 2)
 
 
+def _dropped_pattern(q, k, v, segment_lengths, dilation_rates, **kwargs):
+    return _core(q, k, v, segment_lengths[:-1], dilation_rates[:-1], **kwargs)
+
+
+def _mean_merge(q, k, v, segment_lengths, dilation_rates, **kwargs):
+    # Averaging the per-pattern outputs instead of weighting them by their softmax denominators.
+    outs = [_core(q, k, v, [w], [r], **kwargs) for w, r in zip(segment_lengths, dilation_rates)]
+    return sum(outs) / len(outs)
+
+
 def _fails_in_backward(q, k, v, *args, **kwargs):
     class Boom(torch.autograd.Function):
         @staticmethod
@@ -67,6 +77,8 @@ def test_failures_become_rows_and_the_run_continues(register_plugin):
             ),
             "t-error": (_raises(ValueError("segment_lengths=[3] is bad\nsecond line")), cpu),
             "t-wrong": (_wrong_offset, cpu),
+            "t-dropped": (_dropped_pattern, cpu),
+            "t-mean": (_mean_merge, cpu),
             "t-backward-oom": (_fails_in_backward, cpu),
             "t-ok": (_core, cpu),
         },
@@ -83,6 +95,8 @@ def test_failures_become_rows_and_the_run_continues(register_plugin):
     wrong = rows["t-wrong"]
     assert wrong.status.startswith("failed: wrong result (forward rel. error") and wrong.time_ms > 0
     assert wrong.rel_error > 1e-2
+    for name in ("t-dropped", "t-mean"):
+        assert rows[name].status.startswith("failed: wrong result"), rows[name]
     # The forward was measured; only the forward+backward failed.
     backward = rows["t-backward-oom"]
     assert backward.status == "failed: out of memory" and backward.time_ms > 0 and backward.fwd_bwd_ms is None
@@ -187,3 +201,16 @@ def test_distributed_backend_runs_under_a_process_group(register_plugin, monkeyp
     assert not dist.is_initialized()
     assert record.status == "ok" and record.world_size == 1 and record.rel_error < 1e-5
     assert seen_world and set(seen_world) == {1}
+
+
+def test_check_length_is_odd_and_spans_a_partial_segment():
+    from dilated_attn_bench.accuracy import check_size
+    from dilated_attn_bench.presets import expand
+
+    (longnet,) = expand(["longnet-256k"])
+    (quick,) = expand(["cpu-quick"])
+    assert check_size(longnet, torch.device("cuda"), World()) == 3073
+    assert check_size(longnet, torch.device("cpu"), World()) == 1024
+    assert check_size(quick, torch.device("cpu"), World()) == 769
+    assert check_size(quick, torch.device("cpu"), World(size=2)) == 768
+    assert check_size(SMALL, torch.device("cpu"), World()) == 49

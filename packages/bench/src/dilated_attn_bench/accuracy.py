@@ -20,9 +20,9 @@ BOUNDS: dict[torch.dtype, tuple[float, float]] = {
     torch.bfloat16: (2e-2, 2e-2),
 }
 
-# The oracle holds (h, n, n) float64 scores and their autograd graph: 2048 keeps that to a few
-# hundred MB at 16 heads on a GPU, 1024 keeps a CPU check under a second.
-MAX_CHECK_LEN = {"cuda": 2048, "cpu": 1024}
+# The oracle holds several (h, n, n) float64 tensors and their autograd graph: 4096 keeps that to
+# about a GB per tensor at 16 heads on a GPU, 1024 keeps a CPU check well under a second.
+MAX_CHECK_LEN = {"cuda": 4096, "cpu": 1024}
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,12 @@ class Accuracy:
 
 
 def check_size(workload: Workload, device: torch.device, world: World) -> int:
-    """The checked length: the workload's, capped, and a multiple of the world size."""
-    n = min(workload.seq_len, MAX_CHECK_LEN.get(device.type, MAX_CHECK_LEN["cpu"]))
+    """The checked length: one and a half shortest segments plus one, so that the length is odd and
+    the last segment partial, unless the workload is shorter or that is past the device's cap; then
+    a multiple of the world size."""
+    cap = MAX_CHECK_LEN.get(device.type, MAX_CHECK_LEN["cpu"])
+    wanted = 3 * min(workload.segment_lengths) // 2 + 1
+    n = min(workload.seq_len, wanted if wanted <= cap else cap)
     return max(world.size, n - n % world.size)
 
 
