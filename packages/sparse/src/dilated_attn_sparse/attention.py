@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 import torch
+from dilated_attn.block_attention import compute_dtype
 from dilated_attn.ops import attention_backward
 from dilated_attn.validation import check_qkv, check_scale
 from torch.nn.attention.flex_attention import (
@@ -72,8 +73,8 @@ class _EagerBlockSparse(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, scale: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # FlexAttention refuses CPU inputs that require grad, even under no_grad; and eager is the
-        # intended CPU path, so its advice to compile is noise here.
+        # FlexAttention refuses CPU inputs that require grad, even under no_grad. Eager is the
+        # intended CPU path: its advice to compile is noise here.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
             out, lse = _flex_bnhd(q.detach(), k.detach(), v.detach(), block_mask, scale, True)
@@ -88,13 +89,12 @@ class _EagerBlockSparse(torch.autograd.Function):
     def backward(ctx: Any, dout: torch.Tensor | None, dlse: torch.Tensor | None) -> tuple[Any, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         block_mask: BlockMask = ctx.block_mask
-        b, n, h, _ = q.shape
+        n = q.shape[1]
         if dout is None:
             dout = torch.zeros_like(out)
         mask_heads = block_mask.kv_num_blocks.shape[1]
         allowed = create_mask(block_mask.mask_mod, 1, mask_heads, n, n, q.device)
-        bias = torch.zeros(allowed.shape, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
-        bias.masked_fill_(~allowed, float("-inf"))
+        bias = torch.zeros(allowed.shape, dtype=compute_dtype(q.dtype)).masked_fill_(~allowed, float("-inf"))
         dq, dk, dv = attention_backward(
             dout.transpose(1, 2),
             q.transpose(1, 2),

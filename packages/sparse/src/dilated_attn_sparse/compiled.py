@@ -32,12 +32,14 @@ def _private_copy(fn: Callable[..., Any]) -> types.FunctionType:
     return copy
 
 
-def compiled(fn: Callable[..., Any], key: Hashable, *, backend: Any = "inductor") -> Callable[..., Any]:
-    """``torch.compile(fn, dynamic=False, fullgraph=True)``, built once per ``(fn, key, backend)``."""
+def compiled(
+    fn: Callable[..., Any], key: Hashable, *, fullgraph: bool = True, backend: Any = "inductor"
+) -> Callable[..., Any]:
+    """``torch.compile(fn, dynamic=False, fullgraph=fullgraph)``, built once per ``(fn, key, backend)``."""
     cache_key = (fn, key, backend)
     with _lock:
         found = _compiled.get(cache_key)
         if found is None:
-            found = torch.compile(_private_copy(fn), backend=backend, dynamic=False, fullgraph=True)
+            found = torch.compile(_private_copy(fn), backend=backend, dynamic=False, fullgraph=fullgraph)
             _compiled[cache_key] = found
     return found

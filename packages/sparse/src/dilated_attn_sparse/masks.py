@@ -47,5 +47,7 @@ def build_block_mask(
     heads = num_heads if pattern.per_head else None
     build = _create
     if device.type == "cuda" and (heads or 1) * seq_len * seq_len > EAGER_MASK_ENTRIES:
-        build = compiled(_create, ("block_mask", seq_len, heads, block_size, device))
+        # Graph breaks allowed, as in FlexAttention's documented torch.compile(create_block_mask):
+        # one in assembling the BlockMask object, after the fused mask reduction, costs nothing here.
+        build = compiled(_create, ("block_mask", seq_len, heads, block_size, device), fullgraph=False)
     return build(mask_mod, heads, seq_len, block_size, device)
