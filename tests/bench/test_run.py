@@ -172,9 +172,20 @@ def test_csv_and_markdown_carry_the_same_rows(tiny_run):
 
 
 def test_backends_filter_and_unknown_name(tmp_path):
-    args = ["--backends", "sdpa,segment-*,ref*", "--exclude", "reference", "--no-backward"]
+    args = [
+        "--backends",
+        "sdpa,segment-*,ref*",
+        "--exclude",
+        "reference",
+        "--no-backward",
+        "--commit",
+        "abc1234",
+    ]
     assert main(["run", *TINY, *args, "--output", str(tmp_path)]) == 0
-    records, _ = read_json(tmp_path / "results.json")
+    records, meta = read_json(tmp_path / "results.json")
+    assert (
+        meta["git_commit"] == "abc1234" and "**Git commit**: abc1234" in (tmp_path / "report.md").read_text()
+    )
     assert [r.implementation for r in records] == ["segment-ceiling", "sdpa"]
     assert all(r.fwd_bwd_ms is None and r.status == "ok" for r in records)
     assert records[1].grad_rel_error is None and records[1].rel_error < 1e-5

@@ -122,7 +122,7 @@ def _run(args: argparse.Namespace) -> int:
             dense_max_seq=args.dense_max_seq,
             once_past_s=once_past_s,
         )
-        out_dir = args.output or default_output_dir()
+        out_dir = args.output or default_output_dir(args.commit)
         partial = out_dir / PARTIAL
         if world.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -136,7 +136,7 @@ def _run(args: argparse.Namespace) -> int:
         records = run(implementations, workloads, settings, world, on_record=keep if world.is_main else None)
         if not world.is_main:
             return 0
-        meta = describe(device, world.size)
+        meta = describe(device, world.size, args.commit)
         parameters = {
             "device": str(device),
             "presets": ", ".join(presets),
@@ -235,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DENSE_MAX_SEQ,
         help="skip dense baselines past this length (default %(default)s)",
     )
+    p.add_argument("--commit", help="the commit to report where the working directory is no git checkout")
     p.add_argument("--output", type=Path, help="report folder (default bench-results/<date>-<commit>)")
     p.set_defaults(func=_run)
 

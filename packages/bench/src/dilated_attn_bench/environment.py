@@ -22,8 +22,11 @@ def _git(*args: str) -> str | None:
     return result.stdout.strip() or None
 
 
-def git_commit() -> tuple[str, bool]:
-    """The short commit of the working directory's repository (``"nogit"`` outside one) and dirtiness."""
+def git_commit(given: str | None = None) -> tuple[str, bool]:
+    """``given``, else the short commit of the working directory's checkout (``"nogit"`` outside
+    one), and whether tracked files have uncommitted changes."""
+    if given:
+        return given, False
     commit = _git("rev-parse", "--short", "HEAD")
     if commit is None:
         return "nogit", False
@@ -49,16 +52,16 @@ def hardware(device: torch.device, world_size: int) -> str:
     return f"{_cpu_model()}, {cores} cores"
 
 
-def default_output_dir(today: datetime.date | None = None) -> Path:
+def default_output_dir(commit: str | None = None, today: datetime.date | None = None) -> Path:
     """``bench-results/<YYYY-MM-DD>-<git short commit>``."""
     today = today or datetime.date.today()
-    commit, _ = git_commit()
+    commit, _ = git_commit(commit)
     return Path("bench-results") / f"{today.isoformat()}-{commit}"
 
 
-def describe(device: torch.device, world_size: int) -> dict[str, Any]:
+def describe(device: torch.device, world_size: int, commit: str | None = None) -> dict[str, Any]:
     """The run's metadata, as written at the top of the report and under ``meta`` in results.json."""
-    commit, dirty = git_commit()
+    commit, dirty = git_commit(commit)
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     plugins = {}
     for backend in get_registry().backends().values():
