@@ -1,0 +1,288 @@
+"""Backward kernels: one pattern's gradients from the merged output and log-sum-exp.
+
+With the merged ``lse`` ``L``, a pattern's probabilities are ``P = exp(s - L)`` and its score
+gradients ``dS = P * (dO.V - D)`` with ``D = rowsum(dO * O) - dlse`` computed once for all patterns,
+so each pattern's contribution is independent of the others and is added into ``dq, dk, dv``.
+Per pattern two kernels run on the same strided rows as the forward: one program per key block for
+``dK, dV`` (looping over query blocks) and one per query block for ``dQ`` (looping over key blocks),
+which recomputes ``P`` instead of racing on ``dQ`` with atomics.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from dilated_attn.kernels.geometry import LOG2E, program_coords, row_geometry
+from dilated_attn.kernels.launches import Launch
+from dilated_attn.kernels.tuning import configs_for, dot_precision, head_dim_pad, interpreting, pruner
+
+
+@triton.jit
+def _delta_kernel(
+    O, DO, DLSE, DELTA, total_rows,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mask_r = offs_r < total_rows
+    mask = mask_r[:, None] & (offs_d[None, :] < HEAD_DIM)
+    offs = offs_r[:, None] * HEAD_DIM + offs_d[None, :]
+    o = tl.load(O + offs, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + offs, mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + offs_r, mask=mask_r, other=0.0)
+    tl.store(DELTA + offs_r, delta, mask=mask_r)
+
+
+@triton.jit
+def _dkdv_block(
+    dk, dv, k, v, q_block, do_block, lse_block, delta_block, offs_k, offs_n, offs_d, start_n, rows,
+    row_stride, lse_row_stride, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    q_rows = start_n + offs_n
+    offs = q_rows.to(tl.int64)[:, None] * row_stride + offs_d[None, :]
+    lse_offs = q_rows.to(tl.int64) * lse_row_stride
+    mask = offs_d[None, :] < HEAD_DIM
+    if MASKED:
+        mask = mask & (q_rows[:, None] < rows)
+        q = tl.load(q_block + offs, mask=mask, other=0.0)
+        do = tl.load(do_block + offs, mask=mask, other=0.0)
+        lse2 = tl.load(lse_block + lse_offs, mask=q_rows < rows, other=0.0) * LOG2E
+        delta = tl.load(delta_block + lse_offs, mask=q_rows < rows, other=0.0)
+    else:
+        if HEAD_DIM == HEAD_DIM_PAD:
+            q = tl.load(q_block + offs)
+            do = tl.load(do_block + offs)
+        else:
+            q = tl.load(q_block + offs, mask=mask, other=0.0)
+            do = tl.load(do_block + offs, mask=mask, other=0.0)
+        lse2 = tl.load(lse_block + lse_offs) * LOG2E
+        delta = tl.load(delta_block + lse_offs)
+    # Transposed scores (keys x queries), so that dV and dK come out of plain products.
+    pT = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse2[None, :])
+    if MASKED:
+        valid = q_rows[None, :] < rows
+        if CAUSAL:
+            valid = valid & (q_rows[None, :] >= offs_k[:, None])
+        pT = tl.where(valid, pT, 0.0)
+    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    dsT = pT * (dpT - delta[None, :])
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    stride_b, stride_n, stride_h, lse_stride_b, lse_stride_n,
+    seq_len, segment, dilation, head0, num_heads, num_segments, max_rows, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # This program owns BLOCK_M key rows and walks the query rows that see them, BLOCK_N at a time.
+    batch, head, seg, start_m = program_coords(max_rows, num_segments, num_heads, head0, BLOCK_M)
+    first, rows = row_geometry(seg, head, seq_len, segment, dilation)
+    if start_m < rows:
+        row_stride = dilation.to(tl.int64) * stride_n
+        lse_row_stride = dilation.to(tl.int64) * lse_stride_n
+        base = batch.to(tl.int64) * stride_b + first.to(tl.int64) * stride_n + head.to(tl.int64) * stride_h
+        lse_base = batch.to(tl.int64) * lse_stride_b + first.to(tl.int64) * lse_stride_n + head
+        offs_k = start_m + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        key_offs = offs_k.to(tl.int64)[:, None] * row_stride + offs_d[None, :]
+        key_mask = (offs_k[:, None] < rows) & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(K + base + key_offs, mask=key_mask, other=0.0)
+        v = tl.load(V + base + key_offs, mask=key_mask, other=0.0)
+        dk = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+        if CAUSAL:
+            # Queries before start_m see none of these keys; those in the band up to the end of
+            # the key block see some of them (masked); later ones see all of them.
+            lo = (start_m // BLOCK_N) * BLOCK_N
+            mid = tl.cdiv(start_m + BLOCK_M, BLOCK_N) * BLOCK_N
+        else:
+            lo = 0
+            mid = 0
+        full_end = (rows // BLOCK_N) * BLOCK_N
+        for start_n in range(lo, mid, BLOCK_N):
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, Q + base, DO + base, LSE + lse_base, DELTA + lse_base, offs_k, offs_n,
+                offs_d, start_n, rows, row_stride, lse_row_stride, qk_scale,
+                HEAD_DIM, HEAD_DIM_PAD, True, CAUSAL, DOT_PRECISION,
+            )
+        for start_n in range(mid, full_end, BLOCK_N):
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, Q + base, DO + base, LSE + lse_base, DELTA + lse_base, offs_k, offs_n,
+                offs_d, start_n, rows, row_stride, lse_row_stride, qk_scale,
+                HEAD_DIM, HEAD_DIM_PAD, False, CAUSAL, DOT_PRECISION,
+            )
+        for start_n in range(tl.maximum(mid, full_end), rows, BLOCK_N):
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, Q + base, DO + base, LSE + lse_base, DELTA + lse_base, offs_k, offs_n,
+                offs_d, start_n, rows, row_stride, lse_row_stride, qk_scale,
+                HEAD_DIM, HEAD_DIM_PAD, True, CAUSAL, DOT_PRECISION,
+            )
+        dk *= scale
+        if ACCUMULATE:
+            dk += tl.load(DK + base + key_offs, mask=key_mask, other=0.0).to(tl.float32)
+            dv += tl.load(DV + base + key_offs, mask=key_mask, other=0.0).to(tl.float32)
+        tl.store(DK + base + key_offs, dk.to(DK.dtype.element_ty), mask=key_mask)
+        tl.store(DV + base + key_offs, dv.to(DV.dtype.element_ty), mask=key_mask)
+
+
+@triton.jit
+def _dq_block(
+    dq, q, do, lse2, delta, k_block, v_block, offs_m, offs_n, offs_d, start_n, rows, row_stride,
+    qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    key_rows = start_n + offs_n
+    offs = key_rows.to(tl.int64)[:, None] * row_stride + offs_d[None, :]
+    mask = offs_d[None, :] < HEAD_DIM
+    if MASKED:
+        mask = mask & (key_rows[:, None] < rows)
+    if MASKED or HEAD_DIM != HEAD_DIM_PAD:
+        k = tl.load(k_block + offs, mask=mask, other=0.0)
+        v = tl.load(v_block + offs, mask=mask, other=0.0)
+    else:
+        k = tl.load(k_block + offs)
+        v = tl.load(v_block + offs)
+    p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse2[:, None])
+    if MASKED:
+        valid = key_rows[None, :] < rows
+        if CAUSAL:
+            valid = valid & (key_rows[None, :] <= offs_m[:, None])
+        p = tl.where(valid, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    stride_b, stride_n, stride_h, lse_stride_b, lse_stride_n,
+    seq_len, segment, dilation, head0, num_heads, num_segments, max_rows, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    batch, head, seg, start_m = program_coords(max_rows, num_segments, num_heads, head0, BLOCK_M)
+    first, rows = row_geometry(seg, head, seq_len, segment, dilation)
+    if start_m < rows:
+        row_stride = dilation.to(tl.int64) * stride_n
+        base = batch.to(tl.int64) * stride_b + first.to(tl.int64) * stride_n + head.to(tl.int64) * stride_h
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        row_offs = offs_m.to(tl.int64)[:, None] * row_stride + offs_d[None, :]
+        row_mask = (offs_m[:, None] < rows) & (offs_d[None, :] < HEAD_DIM)
+        lse_offs = (
+            batch.to(tl.int64) * lse_stride_b
+            + (first + offs_m * dilation).to(tl.int64) * lse_stride_n
+            + head
+        )
+        row_valid = offs_m < rows
+        q = tl.load(Q + base + row_offs, mask=row_mask, other=0.0)
+        do = tl.load(DO + base + row_offs, mask=row_mask, other=0.0)
+        lse2 = tl.load(LSE + lse_offs, mask=row_valid, other=0.0) * LOG2E
+        delta = tl.load(DELTA + lse_offs, mask=row_valid, other=0.0)
+        dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+        if CAUSAL:
+            hi = tl.minimum(rows, start_m + BLOCK_M)
+            full_hi = (start_m // BLOCK_N) * BLOCK_N
+        else:
+            hi = rows
+            full_hi = (rows // BLOCK_N) * BLOCK_N
+        for start_n in range(0, full_hi, BLOCK_N):
+            dq = _dq_block(
+                dq, q, do, lse2, delta, K + base, V + base, offs_m, offs_n, offs_d, start_n, rows,
+                row_stride, qk_scale, HEAD_DIM, HEAD_DIM_PAD, False, CAUSAL, DOT_PRECISION,
+            )
+        for start_n in range(full_hi, hi, BLOCK_N):
+            dq = _dq_block(
+                dq, q, do, lse2, delta, K + base, V + base, offs_m, offs_n, offs_d, start_n, rows,
+                row_stride, qk_scale, HEAD_DIM, HEAD_DIM_PAD, True, CAUSAL, DOT_PRECISION,
+            )
+        dq *= scale
+        if ACCUMULATE:
+            dq += tl.load(DQ + base + row_offs, mask=row_mask, other=0.0).to(tl.float32)
+        tl.store(DQ + base + row_offs, dq.to(DQ.dtype.element_ty), mask=row_mask)
+
+
+_dkdv_tuned = triton.autotune(
+    configs=configs_for("dkdv"),
+    key=["HEAD_DIM_PAD", "CAUSAL"],
+    prune_configs_by={"early_config_prune": pruner("dkdv")},
+)(_dkdv_kernel)
+
+_dq_tuned = triton.autotune(
+    configs=configs_for("dq"),
+    key=["HEAD_DIM_PAD", "CAUSAL"],
+    prune_configs_by={"early_config_prune": pruner("dq")},
+)(_dq_kernel)
+
+
+def compute_delta(out: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None) -> torch.Tensor:
+    """``rowsum(dout * out) - dlse``: ``(b, n, h)`` float32 from contiguous ``(b, n, h, d)`` tensors."""
+    b, n, h, d = out.shape
+    result = torch.empty((b, n, h), dtype=torch.float32, device=out.device)
+    total = b * n * h
+    block = 16 if interpreting() else max(16, 8192 // head_dim_pad(d))
+    _delta_kernel[(triton.cdiv(total, block),)](
+        out, dout, dlse if dlse is not None else result, result, total,
+        HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad(d), HAS_DLSE=dlse is not None, BLOCK_R=block,
+    )
+    return result
+
+
+def backward_launch(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    launch: Launch,
+    *,
+    causal: bool,
+    scale: float,
+) -> None:
+    """Add one pattern's gradients into ``dq, dk, dv`` (or write them, for a head's first launch).
+
+    ``q, k, v, dout, dq, dk, dv`` contiguous ``(b, n, h, d)``; ``lse`` (merged) and ``delta``
+    contiguous ``(b, n, h)`` float32.
+    """
+    b, n, h, d = q.shape
+    max_rows = launch.max_rows()
+    segments = launch.num_segments(n)
+
+    def grid(meta: dict) -> tuple[int]:
+        return (b * launch.num_heads * segments * triton.cdiv(max_rows, meta["BLOCK_M"]),)
+
+    common = dict(
+        HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad(d), CAUSAL=causal, ACCUMULATE=launch.accumulate,
+        DOT_PRECISION=dot_precision(q.dtype),
+    )
+    geometry = (
+        q.stride(0), q.stride(1), q.stride(2), lse.stride(0), lse.stride(1),
+        n, launch.segment, launch.dilation, launch.head0, launch.num_heads, segments, max_rows,
+        scale * math.log2(math.e), scale,
+    )
+    _dkdv_tuned[grid](q, k, v, dout, lse, delta, dk, dv, *geometry, **common)
+    _dq_tuned[grid](q, k, v, dout, lse, delta, dq, *geometry, **common)

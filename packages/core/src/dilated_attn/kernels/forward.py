@@ -1,0 +1,160 @@
+"""Forward kernel: one pattern's attention on strided rows, merged into the running output.
+
+A program owns ``BLOCK_M`` dilated query rows of one (batch, head, segment). Dilated row ``m`` of head
+``j`` in segment ``s`` is position ``s*W + j % r + m*r``; on a contiguous ``(b, n, h, d)`` tensor the
+rows of one head are ``r * h * d`` elements apart, so queries, keys and values are read with strided
+loads and never gathered. The program runs an online softmax over the segment's key blocks, then
+merges its rows into ``out``/``lse`` by their log-sum-exps (or writes them, for a head's first launch).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from dilated_attn.kernels.geometry import LN2, LOG2E, program_coords, row_geometry
+from dilated_attn.kernels.launches import Launch
+from dilated_attn.kernels.tuning import configs_for, dot_precision, head_dim_pad, pruner
+
+
+@triton.jit
+def _fwd_block(
+    acc, l_i, m_i, q, k_block, v_block, offs_m, offs_n, offs_d, start_n, rows, row_stride, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    key_rows = start_n + offs_n
+    kv_offs = key_rows.to(tl.int64)[:, None] * row_stride + offs_d[None, :]
+    kv_mask = offs_d[None, :] < HEAD_DIM
+    if MASKED:
+        kv_mask = kv_mask & (key_rows[:, None] < rows)
+    if MASKED or HEAD_DIM != HEAD_DIM_PAD:
+        k = tl.load(k_block + kv_offs, mask=kv_mask, other=0.0)
+        v = tl.load(v_block + kv_offs, mask=kv_mask, other=0.0)
+    else:
+        k = tl.load(k_block + kv_offs)
+        v = tl.load(v_block + kv_offs)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        valid = key_rows[None, :] < rows
+        if CAUSAL:
+            valid = valid & (key_rows[None, :] <= offs_m[:, None])
+        qk = tl.where(valid, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    if MASKED:
+        # A row whose keys are all masked so far keeps m = -inf; subtract 0 instead of -inf.
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new_safe = m_new
+    p = tl.math.exp2(qk - m_new_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_new_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE,
+    stride_b, stride_n, stride_h, lse_stride_b, lse_stride_n,
+    seq_len, segment, dilation, head0, num_heads, num_segments, max_rows, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    batch, head, seg, start_m = program_coords(max_rows, num_segments, num_heads, head0, BLOCK_M)
+    first, rows = row_geometry(seg, head, seq_len, segment, dilation)
+    if start_m < rows:
+        row_stride = dilation.to(tl.int64) * stride_n
+        base = batch.to(tl.int64) * stride_b + first.to(tl.int64) * stride_n + head.to(tl.int64) * stride_h
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        row_offs = offs_m.to(tl.int64)[:, None] * row_stride + offs_d[None, :]
+        row_mask = (offs_m[:, None] < rows) & (offs_d[None, :] < HEAD_DIM)
+        q = tl.load(Q + base + row_offs, mask=row_mask, other=0.0)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+        if CAUSAL:
+            hi = tl.minimum(rows, start_m + BLOCK_M)
+            # Keys before start_m precede every query row of the block: no mask needed.
+            full_hi = (start_m // BLOCK_N) * BLOCK_N
+        else:
+            hi = rows
+            full_hi = (rows // BLOCK_N) * BLOCK_N
+        for start_n in range(0, full_hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_block(
+                acc, l_i, m_i, q, K + base, V + base, offs_m, offs_n, offs_d, start_n, rows,
+                row_stride, qk_scale, HEAD_DIM, HEAD_DIM_PAD, False, CAUSAL, DOT_PRECISION,
+            )
+        for start_n in range(full_hi, hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_block(
+                acc, l_i, m_i, q, K + base, V + base, offs_m, offs_n, offs_d, start_n, rows,
+                row_stride, qk_scale, HEAD_DIM, HEAD_DIM_PAD, True, CAUSAL, DOT_PRECISION,
+            )
+
+        # Rows past `rows` are never stored; give them a harmless denominator.
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        lse2 = m_i + tl.math.log2(l_safe)  # log2 units
+        lse_offs = (
+            batch.to(tl.int64) * lse_stride_b
+            + (first + offs_m * dilation).to(tl.int64) * lse_stride_n
+            + head
+        )
+        row_valid = offs_m < rows
+        if ACCUMULATE:
+            prev2 = tl.load(LSE + lse_offs, mask=row_valid, other=float("-inf")) * LOG2E
+            prev = tl.load(O + base + row_offs, mask=row_mask, other=0.0).to(tl.float32)
+            # lse2 is finite on every stored row, so the merged value is finite too.
+            top = tl.maximum(prev2, lse2)
+            merged2 = top + tl.math.log2(tl.math.exp2(prev2 - top) + tl.math.exp2(lse2 - top))
+            out = prev * tl.math.exp2(prev2 - merged2)[:, None] + out * tl.math.exp2(lse2 - merged2)[:, None]
+            lse2 = merged2
+        tl.store(O + base + row_offs, out.to(O.dtype.element_ty), mask=row_mask)
+        tl.store(LSE + lse_offs, lse2 * LN2, mask=row_valid)
+
+
+_fwd_tuned = triton.autotune(
+    configs=configs_for("forward"),
+    key=["HEAD_DIM_PAD", "CAUSAL"],
+    prune_configs_by={"early_config_prune": pruner("forward")},
+)(_fwd_kernel)
+
+
+def forward_launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    launch: Launch,
+    *,
+    causal: bool,
+    scale: float,
+) -> None:
+    """Run one pattern and merge it into ``out`` ``(b, n, h, d)`` and ``lse`` ``(b, n, h)`` float32.
+
+    All tensors contiguous; ``out`` has the inputs' dtype.
+    """
+    b, n, h, d = q.shape
+    max_rows = launch.max_rows()
+    segments = launch.num_segments(n)
+
+    def grid(meta: dict) -> tuple[int]:
+        return (b * launch.num_heads * segments * triton.cdiv(max_rows, meta["BLOCK_M"]),)
+
+    _fwd_tuned[grid](
+        q, k, v, out, lse,
+        q.stride(0), q.stride(1), q.stride(2), lse.stride(0), lse.stride(1),
+        n, launch.segment, launch.dilation, launch.head0, launch.num_heads, segments,
+        max_rows, scale * math.log2(math.e),
+        HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad(d), CAUSAL=causal,
+        ACCUMULATE=launch.accumulate, DOT_PRECISION=dot_precision(q.dtype),
+    )

@@ -1,0 +1,38 @@
+"""Where a program's rows lie: Triton helpers shared by the forward and backward kernels.
+
+Every kernel runs on a 1-D grid of ``batch * heads * segments * blocks`` programs, one per tile of
+``BLOCK_M`` dilated rows of one (batch, head, segment). Dilated row ``m`` of head ``j`` in segment
+``s`` is position ``s*W + j % r + m*r``.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def program_coords(max_rows, num_segments, num_heads, head0, BLOCK_M: tl.constexpr):
+    """(batch, head, segment, first dilated row) of this program on a 1-D grid.
+
+    Programs of one (head, segment) are adjacent, so the key and value rows they share stay in L2.
+    """
+    pid = tl.program_id(0)
+    blocks_per_segment = tl.cdiv(max_rows, BLOCK_M)
+    start_m = (pid % blocks_per_segment) * BLOCK_M
+    rest = pid // blocks_per_segment
+    seg = rest % num_segments
+    pid_bh = rest // num_segments
+    return pid_bh // num_heads, head0 + pid_bh % num_heads, seg, start_m
+
+
+@triton.jit
+def row_geometry(seg, head, seq_len, segment, dilation):
+    """First position of the head's rows in segment ``seg`` and how many rows it reads there."""
+    offset = head % dilation
+    seg_start = seg * segment
+    seg_len = tl.minimum(segment, seq_len - seg_start)
+    # seg_len - offset > -dilation, so the ceiling division never goes negative.
+    rows = (seg_len - offset + dilation - 1) // dilation
+    return seg_start + offset, rows

@@ -1,0 +1,87 @@
+"""The sequence of kernel launches for one pattern set: one launch per pattern, merged in place.
+
+Each launch writes the rows its heads select and merges them into what earlier launches wrote
+(read-merge-write), so launches run one after another on the stream and never race on a row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+from dilated_attn.ops import jobs_for
+from dilated_attn.pattern import DilationPattern
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One pattern on a contiguous range of heads.
+
+    ``segment``: effective segment length ``W = min(w, n)``; ``dilation``: ``r``; heads
+    ``head0 .. head0 + num_heads - 1`` (offset ``j % r``); ``accumulate``: merge into rows written by
+    an earlier launch (False for the first launch touching these heads).
+    """
+
+    segment: int
+    dilation: int
+    head0: int
+    num_heads: int
+    accumulate: bool
+
+    def num_segments(self, n: int) -> int:
+        return -(-n // self.segment)
+
+    def max_rows(self) -> int:
+        """Most dilated rows any head reads from one segment: ``ceil(W / r)``."""
+        return -(-self.segment // self.dilation)
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Launches in order, and whether the outputs must start zeroed (``-inf`` LSE).
+
+    Outputs need no initialisation when the first launch on every head has ``r == 1``: it writes every
+    row of those heads before anything reads them.
+    """
+
+    launches: tuple[Launch, ...]
+    needs_init: bool
+
+
+def plan_launches(
+    n: int,
+    num_heads: int,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    mode: str,
+) -> LaunchPlan:
+    """Launches for a ``(b, n, num_heads, d)`` problem; patterns with ``r == 1`` go first."""
+    return _plan(n, num_heads, tuple(segment_lengths), tuple(dilation_rates), mode)
+
+
+@lru_cache(maxsize=256)
+def _plan(
+    n: int, num_heads: int, segment_lengths: tuple[int, ...], dilation_rates: tuple[int, ...], mode: str
+) -> LaunchPlan:
+    # The LSE merge is commutative; starting each head with an r == 1 pattern lets its first launch
+    # overwrite uninitialised memory instead of merging into a zeroed buffer.
+    jobs = sorted(
+        jobs_for(DilationPattern.of(segment_lengths, dilation_rates), n, num_heads, mode),
+        key=lambda job: job.dilation != 1,
+    )
+    launches = []
+    touched: set[int] = set()
+    needs_init = False
+    for job in jobs:
+        head0 = job.heads[0]
+        if job.heads != tuple(range(head0, head0 + len(job.heads))):
+            raise ValueError(f"heads={job.heads} of a pattern must be a contiguous range of head indices")
+        fresh = touched.isdisjoint(job.heads)
+        if not fresh and not touched.issuperset(job.heads):
+            raise ValueError(f"heads={job.heads} must all be new or all be merged into; got a partial overlap")
+        if fresh and job.dilation != 1:
+            needs_init = True
+        touched.update(job.heads)
+        launches.append(Launch(job.segment, job.dilation, head0, len(job.heads), accumulate=not fresh))
+    return LaunchPlan(tuple(launches), needs_init)

@@ -1,0 +1,103 @@
+"""Autotuning candidates per head_dim, and the dtype rules the kernels share.
+
+Each kernel is tuned once per (padded head_dim, causal, dtypes) by ``triton.autotune`` and the winner
+is cached for the process (``TRITON_CACHE_AUTOTUNING=1`` also keeps it on disk). The first call with a
+given key is always a head's first launch, which overwrites its rows instead of merging into them, so
+re-running it while tuning is harmless and no output needs saving and restoring.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import triton
+
+INTERPRET_ENV = "TRITON_INTERPRET"
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M is the tile the program owns (query rows in the
+# forward and dQ kernels, key rows in the dK/dV kernel); BLOCK_N is the tile it loops over. Every
+# candidate compiles for sm_90 with tensor-core (wgmma) products and little or no register spilling.
+_CANDIDATES: dict[str, dict[int, tuple[tuple[int, int, int, int], ...]]] = {
+    "forward": {
+        64: ((128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (128, 32, 4, 4)),
+        128: ((128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)),
+        256: ((128, 32, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2)),
+    },
+    "dkdv": {
+        64: ((128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)),
+        128: ((64, 64, 8, 2), (64, 32, 8, 3), (128, 32, 8, 2)),
+        256: ((32, 32, 8, 2), (64, 32, 8, 2), (64, 16, 8, 2)),
+    },
+    "dq": {
+        64: ((128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)),
+        128: ((128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 8, 2)),
+        256: ((64, 16, 4, 2), (32, 32, 4, 2), (64, 32, 8, 2)),
+    },
+}
+
+# float32 multiplies in full precision on the CUDA cores (no tensor-core path), and its operand tiles
+# fill the registers: one small tile per tier, so no slow compiles of candidates that would spill.
+_FLOAT32: dict[int, tuple[tuple[int, int, int, int], ...]] = {
+    64: ((64, 32, 8, 2),),
+    128: ((32, 32, 8, 2),),
+    256: ((32, 16, 8, 1),),
+}
+
+# Under the interpreter tiles are small and deliberately unequal, so that tests on short sequences
+# cross block edges, partial tails and the causal diagonal.
+_INTERPRET_CONFIG = (32, 16, 4, 1)
+
+
+# Read once, like triton.jit, which picks compiled or interpreted kernels when they are defined.
+_INTERPRETING = os.environ.get(INTERPRET_ENV, "0") not in ("", "0")
+
+
+def interpreting() -> bool:
+    """True when the kernels run on Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return _INTERPRETING
+
+
+def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+def _shape(config: triton.Config) -> tuple[int, int, int, int]:
+    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+
+
+def configs_for(kernel: str) -> list[triton.Config]:
+    """Every candidate of ``kernel`` ("forward", "dkdv", "dq"), all head_dim tiers together."""
+    shapes = {shape for candidates in _CANDIDATES[kernel].values() for shape in candidates}
+    shapes.update(shape for candidates in _FLOAT32.values() for shape in candidates)
+    shapes.add(_INTERPRET_CONFIG)
+    return [_config(*shape) for shape in sorted(shapes)]
+
+
+def _tier(head_dim_pad: int) -> int:
+    return 64 if head_dim_pad <= 64 else 128 if head_dim_pad <= 128 else 256
+
+
+def pruner(kernel: str) -> Callable[..., list[triton.Config]]:
+    """``early_config_prune`` for ``kernel``: the candidates of the call's head_dim tier."""
+
+    def prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
+        if interpreting():
+            return [c for c in configs if _shape(c) == _INTERPRET_CONFIG]
+        table = _FLOAT32 if named_args["Q"].element_size() == 4 else _CANDIDATES[kernel]
+        wanted = table[_tier(kwargs["HEAD_DIM_PAD"])]
+        return [c for c in configs if _shape(c) in wanted]
+
+    return prune
+
+
+def head_dim_pad(head_dim: int) -> int:
+    """Tile width for ``head_dim``: the next power of two, at least 16 (the smallest ``tl.dot``)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs multiply in full precision: TF32 would miss the 1e-5 float32 bound."""
+    return "ieee" if dtype == torch.float32 else "tf32"
