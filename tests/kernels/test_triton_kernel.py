@@ -1,0 +1,347 @@
+"""The fused Triton kernels against the float64 oracle.
+
+Without CUDA the kernels run on Triton's CPU interpreter (``TRITON_INTERPRET=1``, set here before the
+kernels are imported) at small sizes, in float32 and float16: the interpreter multiplies bfloat16
+tiles as raw integer bit patterns (triton-lang/triton#11584), so bfloat16 is checked on the GPU only.
+The GPU tests at medium sizes skip without CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from dilated_attn import hookimpl  # noqa: E402
+from dilated_attn.functional import dilated_attention  # noqa: E402
+from dilated_attn.kernels import register_backends, triton_dilated_attention  # noqa: E402
+from dilated_attn.kernels.launches import plan_launches  # noqa: E402
+from dilated_attn.kernels.tuning import interpreting  # noqa: E402
+from dilated_attn.reference import dilated_attention_reference  # noqa: E402
+from dilated_attn.registry import get_registry  # noqa: E402
+from dilated_attn.testing import TOLERANCES, BackendConformance, relative_error  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+interpreted = pytest.mark.skipif(
+    not interpreting(), reason="CPU checks need the kernels imported under TRITON_INTERPRET=1"
+)
+cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+def _check(
+    shape: tuple[int, int, int, int],
+    w: list[int],
+    r: list[int],
+    *,
+    mode: str,
+    causal: bool,
+    dtype: torch.dtype,
+    device: str,
+    seed: int = 0,
+) -> None:
+    """Forward, lse and gradients (through out and lse) of the kernels against the oracle."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (
+        torch.randn(shape, generator=g).to(device=device, dtype=dtype).requires_grad_() for _ in range(3)
+    )
+    out, lse = triton_dilated_attention(q, k, v, w, r, mode=mode, causal=causal, return_lse=True)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = dilated_attention_reference(q64, k64, v64, w, r, mode=mode, causal=causal, return_lse=True)
+    fwd_tol, grad_tol = TOLERANCES[dtype]
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert relative_error(out, ref) <= fwd_tol
+    assert relative_error(lse, ref_lse) <= fwd_tol
+    empty = torch.isneginf(ref_lse)
+    assert torch.all(out.detach()[empty] == 0)
+
+    grad_out = torch.randn(shape, generator=g).to(device)
+    grad_lse = torch.randn(shape[:3], generator=g).to(device)
+    finite = ~empty
+    ((out.float() * grad_out).sum() + (lse[finite] * grad_lse[finite]).sum()).backward()
+    ((ref * grad_out.double()).sum() + (ref_lse[finite] * grad_lse[finite].double()).sum()).backward()
+    for name, ours, theirs in (("q", q, q64), ("k", k, k64), ("v", v, v64)):
+        err = relative_error(ours.grad, theirs.grad)
+        assert err <= grad_tol, f"d{name}: relative error {err:.3e} > {grad_tol:g}"
+
+
+# -- launch plan --------------------------------------------------------------------------------
+
+
+def test_plan_puts_dense_pattern_first_and_skips_init():
+    plan = plan_launches(100, 4, [16, 32, 64], [2, 1, 4], "longnet")
+    assert [(lc.segment, lc.dilation) for lc in plan.launches] == [(32, 1), (16, 2), (64, 4)]
+    assert [lc.accumulate for lc in plan.launches] == [False, True, True]
+    assert all((lc.head0, lc.num_heads) == (0, 4) for lc in plan.launches)
+    assert not plan.needs_init
+
+
+def test_plan_without_dense_pattern_needs_init():
+    plan = plan_launches(100, 4, [16, 32], [2, 4], "longnet")
+    assert plan.needs_init
+    assert [lc.accumulate for lc in plan.launches] == [False, True]
+
+
+def test_plan_head_groups():
+    plan = plan_launches(50, 5, [8, 16, 64], [1, 2, 4], "head_groups")
+    assert [(lc.head0, lc.num_heads, lc.dilation) for lc in plan.launches] == [(0, 2, 1), (2, 2, 2), (4, 1, 4)]
+    assert not any(lc.accumulate for lc in plan.launches)
+    # Heads 2..4 start with r > 1, so their unselected rows must be zeroed first.
+    assert plan.needs_init
+    assert plan.launches[2].segment == 50  # W = min(w, n)
+    # Fewer heads than patterns: the pattern whose group is empty is not launched.
+    small = plan_launches(50, 2, [8, 16, 64], [1, 1, 1], "head_groups")
+    assert [(lc.head0, lc.segment) for lc in small.launches] == [(0, 8), (1, 16)]
+    assert not small.needs_init
+
+
+# -- CPU interpreter ----------------------------------------------------------------------------
+
+INTERPRETED_CASES = [
+    # shape, w, r, mode: block edges (tiles 32 x 16), partial last segments, r not dividing W.
+    ((1, 150, 2, 32), [32, 64, 150], [1, 2, 4], "longnet"),
+    ((2, 77, 3, 16), [20, 40, 77], [1, 3, 5], "longnet"),
+    # no r = 1: rows without keys; two patterns with the same (w, r) count twice.
+    ((1, 101, 3, 32), [32, 64, 32], [2, 4, 2], "longnet"),
+    # head_dim padded to the next power of two.
+    ((1, 67, 2, 24), [16, 67], [1, 3], "longnet"),
+    # more heads than patterns, group sizes 2, 2, 1.
+    ((1, 90, 5, 16), [16, 45, 90], [1, 3, 6], "head_groups"),
+]
+
+
+@interpreted
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape, w, r, mode", INTERPRETED_CASES)
+def test_interpreted_matches_oracle(shape, w, r, mode, dtype, causal):
+    _check(shape, w, r, mode=mode, causal=causal, dtype=dtype, device="cpu")
+
+
+@interpreted
+def test_interpreted_empty_rows_are_zero_with_zero_gradients():
+    # r = 2 and 4 with n = 37: rows at odd offsets of head 0 have no keys at all.
+    q, k, v = (torch.randn(1, 37, 2, 16, requires_grad=True) for _ in range(3))
+    out, lse = triton_dilated_attention(q, k, v, [8, 16], [2, 4], return_lse=True)
+    empty = torch.isneginf(lse)
+    assert empty[0, 1::2, 0].all() and not empty[0, 0::2, 0].any()
+    assert torch.all(out[empty] == 0)
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+        assert torch.all(t.grad[empty] == 0)
+
+
+@interpreted
+def test_interpreted_non_contiguous_inputs():
+    base = torch.randn(1, 3, 60, 2, 32)
+    q, k, v = base.unbind(1)  # strided views
+    out = triton_dilated_attention(q, k, v, [20, 60], [1, 3])
+    ref = dilated_attention_reference(q, k, v, [20, 60], [1, 3])
+    assert relative_error(out, ref) <= TOLERANCES[torch.float32][0]
+
+
+@interpreted
+def test_interpreted_opcheck():
+    q, k, v = (torch.randn(1, 40, 2, 16, requires_grad=True) for _ in range(3))
+    args = (q, k, v, [8, 40], [1, 2], "longnet", True, 0.25)
+    torch.library.opcheck(torch.ops.dilated_attn.triton_fwd.default, args)
+    out, lse = torch.ops.dilated_attn.triton_fwd(*args)
+    dout = torch.randn_like(out)
+    bwd_args = (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None, [8, 40], [1, 2],
+                "longnet", True, 0.25)
+    torch.library.opcheck(torch.ops.dilated_attn.triton_bwd.default, bwd_args)
+
+
+@interpreted
+def test_interpreted_compile_fullgraph():
+    def f(q, k, v):
+        out, lse = triton_dilated_attention(q, k, v, [16, 48], [1, 2], causal=True, return_lse=True)
+        return out.sum() + lse.sum()
+
+    q, k, v = (torch.randn(1, 48, 2, 16, requires_grad=True) for _ in range(3))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    eager_loss = f(q, k, v)
+    eager_grads = torch.autograd.grad(eager_loss, (q, k, v))
+    torch.testing.assert_close(loss, eager_loss)
+    for ours, theirs in zip(grads, eager_grads):
+        torch.testing.assert_close(ours, theirs)
+
+
+# -- argument errors ----------------------------------------------------------------------------
+
+
+def test_rejects_dropout():
+    q = torch.randn(1, 16, 2, 16)
+    with pytest.raises(ValueError, match=r"dropout_p=0.1 .*must be 0"):
+        triton_dilated_attention(q, q, q, [8], [1], dropout_p=0.1)
+
+
+@pytest.mark.parametrize("head_dim", [8, 272])
+def test_rejects_head_dim_out_of_range(head_dim):
+    q = torch.randn(1, 16, 2, head_dim)
+    with pytest.raises(ValueError, match=rf"head_dim={head_dim} .*\[16, 256\]"):
+        triton_dilated_attention(q, q, q, [8], [1])
+
+
+def test_rejects_float64_and_unknown_kwargs():
+    q = torch.randn(1, 16, 2, 16, dtype=torch.float64)
+    with pytest.raises(TypeError, match="q.dtype=torch.float64"):
+        triton_dilated_attention(q, q, q, [8], [1])
+    with pytest.raises(TypeError, match="key_padding_mask"):
+        triton_dilated_attention(q.float(), q.float(), q.float(), [8], [1], key_padding_mask=None)
+
+
+def test_rejects_cpu_tensors_when_compiled(monkeypatch):
+    monkeypatch.setattr("dilated_attn.kernels.op.interpreting", lambda: False)
+    q = torch.randn(1, 16, 2, 16)
+    with pytest.raises(ValueError, match=r"q.device=cpu .*CUDA"):
+        triton_dilated_attention(q, q, q, [8], [1])
+
+
+def test_rejects_bad_pattern_and_mode():
+    q = torch.randn(1, 16, 2, 16)
+    with pytest.raises(ValueError, match=r"dilation_rates\[0\]=16 must be <= segment_lengths\[0\]=8"):
+        triton_dilated_attention(q, q, q, [8], [16])
+    with pytest.raises(ValueError, match="mode='dense'"):
+        triton_dilated_attention(q, q, q, [8], [1], mode="dense")
+
+
+def test_registers_preferred_cuda_backend():
+    seen = {}
+    register_backends(lambda name, fn, **caps: seen.update(name=name, fn=fn, caps=caps))
+    assert seen["name"] == "triton" and seen["fn"] is triton_dilated_attention
+    caps = seen["caps"]
+    assert caps["devices"] == ("cuda",) and caps["priority"] == 20
+    assert set(caps["modes"]) == {"longnet", "head_groups"} and caps["causal"] and caps["backward"]
+    backend = get_registry().attention("triton")
+    assert backend.capabilities.priority > get_registry().attention("sdpa").capabilities.priority
+
+
+# -- the conformance kit ------------------------------------------------------------------------
+
+
+class _InterpretedPlugin:
+    """The kernels on CPU tensors, under another name: "triton" itself declares CUDA only."""
+
+    @hookimpl
+    def dilated_attn_register_attention(self, register):
+        register(
+            "triton-interpreted", triton_dilated_attention, devices=("cpu",),
+            dtypes=(torch.float32, torch.float16), auto=False,
+        )
+
+
+@pytest.fixture(scope="class")
+def interpreted_backend():
+    registry = get_registry()
+    name = registry.register(_InterpretedPlugin(), name="test-triton-interpreted")
+    try:
+        yield
+    finally:
+        registry.unregister(name)
+
+
+@interpreted
+@pytest.mark.usefixtures("interpreted_backend")
+class TestInterpretedConformance(BackendConformance):
+    backend = "triton-interpreted"
+    device = "cpu"
+    dtypes = (torch.float32, torch.float16)
+
+
+@cuda
+class TestCudaConformance(BackendConformance):
+    backend = "triton"
+    device = "cuda"
+    dtypes = (torch.bfloat16, torch.float16, torch.float32)
+
+
+# -- GPU, medium sizes --------------------------------------------------------------------------
+
+CUDA_CASES = [
+    ((2, 1000, 6, 64), [128, 256, 512, 2048], [1, 2, 4, 3], "longnet"),
+    ((1, 4099, 4, 64), [512, 1024, 2048, 4096], [1, 2, 4, 8], "longnet"),
+    ((1, 2050, 5, 128), [256, 1024, 2050], [2, 3, 5], "longnet"),
+    ((1, 1537, 3, 32), [512, 1537], [1, 4], "head_groups"),
+    ((1, 1111, 2, 256), [300, 1111], [1, 7], "longnet"),
+    ((1, 999, 2, 80), [333, 999], [1, 3], "longnet"),
+]
+
+
+@cuda
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("shape, w, r, mode", CUDA_CASES)
+def test_cuda_matches_oracle(shape, w, r, mode, dtype, causal):
+    _check(shape, w, r, mode=mode, causal=causal, dtype=dtype, device="cuda")
+
+
+@cuda
+def test_cuda_auto_prefers_triton():
+    q = torch.randn(1, 256, 2, 64, device="cuda", dtype=torch.bfloat16)
+    out = dilated_attention(q, q, q, [64, 256], [1, 4])
+    torch.testing.assert_close(out, triton_dilated_attention(q, q, q, [64, 256], [1, 4]), rtol=0, atol=0)
+    assert get_registry().select(
+        device_type="cuda", dtype=torch.bfloat16, mode="longnet", causal=True, needs_grad=True
+    ).name == "triton"
+
+
+@cuda
+def test_cuda_compile_fullgraph():
+    def f(q, k, v):
+        return triton_dilated_attention(q, k, v, [256, 1024], [1, 4], causal=True)
+
+    q, k, v = (torch.randn(1, 1024, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    out = torch.compile(f, fullgraph=True)(q, k, v)
+    out.float().square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    ref = f(q, k, v)
+    ref.float().square().sum().backward()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for ours, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(ours, t.grad, rtol=0, atol=0)
+
+
+@cuda
+def test_cuda_graph_capture():
+    q, k, v = (torch.randn(1, 2048, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    w, r = [512, 2048], [1, 4]
+    expected = triton_dilated_attention(q, k, v, w, r)  # also autotunes, which must not happen in capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        triton_dilated_attention(q, k, v, w, r)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = triton_dilated_attention(q, k, v, w, r)
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.testing.assert_close(captured, triton_dilated_attention(q, k, v, w, r), rtol=0, atol=0)
+    assert not torch.equal(captured, expected)
+
+
+@cuda
+def test_cuda_forward_peak_memory_within_output_budget():
+    shape = (1, 1 << 16, 16, 64)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    w, r = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16]
+    with torch.no_grad():
+        triton_dilated_attention(q, k, v, w, r)  # autotune outside the measurement
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = triton_dilated_attention(q, k, v, w, r)
+        torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra <= 1.5 * out.numel() * out.element_size()
