@@ -43,6 +43,9 @@ def test_compare_names_speedups_regressions_and_status_changes(tmp_path, capsys)
         _record("triton", 256, 5.0, 15.0),
         _record("ring", 256, None, None, "failed: out of memory"),
         _record("gone", 256, 1.0, 1.0),
+        _record("flex", 256, 3.0, 9.0),
+        _record("mixed", 256, 3.0, 9.0),
+        _record("math", 256, None, None, "skipped: SDPA has no cudnn kernel on cpu"),
     ]
     b = [
         _record("sdpa", 256, 5.0, 15.0),  # 2x faster
@@ -50,6 +53,9 @@ def test_compare_names_speedups_regressions_and_status_changes(tmp_path, capsys)
         _record("triton", 256, None, None, "failed: out of memory"),
         _record("ring", 256, 8.0, 20.0),
         _record("new", 256, 1.0, 1.0),
+        _record("flex", 256, None, None, "skipped: needs torchrun"),
+        _record("mixed", 256, 1.5, 18.0),
+        _record("math", 256, 2.0, 2.0),
     ]
     changes, only_a, only_b = compare(a, b)
     verdicts = {(c.b.implementation, c.b.seq_len): c for c in changes}
@@ -58,7 +64,11 @@ def test_compare_names_speedups_regressions_and_status_changes(tmp_path, capsys)
     assert verdicts["sdpa", 256].verdict == "faster"
     assert verdicts["sdpa", 512].verdict == "same"
     assert verdicts["triton", 256].verdict == "regression: failed: out of memory"
-    assert verdicts["ring", 256].verdict.startswith("fixed")
+    assert verdicts["ring", 256].verdict == "fixed (was failed: out of memory)"
+    # Skips change what was measured, not how fast it runs.
+    assert verdicts["flex", 256].verdict == "not measured in B (skipped: needs torchrun)"
+    assert verdicts["math", 256].verdict.startswith("now measured (was skipped")
+    assert verdicts["mixed", 256].verdict == "mixed"
     assert [r.implementation for r in only_a] == ["gone"] and [r.implementation for r in only_b] == ["new"]
 
     slower = [dataclasses.replace(r, time_ms=r.time_ms * 1.5) if r.ok else r for r in a]
@@ -71,7 +81,7 @@ def test_compare_names_speedups_regressions_and_status_changes(tmp_path, capsys)
     assert main(["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
     out = capsys.readouterr().out
     assert "| sdpa b=1 n=256 h=2 d=16 fp32 | 10 | 5 | 2.00x |" in out
-    assert "4 shared rows: 1 faster, 1 regressions." in out
+    assert "7 shared rows: 1 faster, 1 regressions, 1 mixed." in out
     assert "Only in A: gone" in out and "Only in B: new" in out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dilated_attn_bench.records import Record
+from dilated_attn_bench.records import SKIPPED, Record
 from dilated_attn_bench.report import NA, fmt
 
 # Below this relative change a difference is read as noise.
@@ -29,17 +29,22 @@ def _speedup(a: float | None, b: float | None) -> float | None:
 
 def _verdict(a: Record, b: Record, speedups: Sequence[float | None], threshold: float) -> str:
     if a.ok and not b.ok:
-        return f"regression: {b.status}"
+        # A skip is a change of coverage (flags, capabilities), not of speed.
+        return (
+            f"not measured in B ({b.status})" if b.status.startswith(SKIPPED) else f"regression: {b.status}"
+        )
     if not a.ok and b.ok:
-        return f"fixed (was {a.status})"
+        return f"now measured (was {a.status})" if a.status.startswith(SKIPPED) else f"fixed (was {a.status})"
     if not a.ok:
-        return "both not ok"
+        return "neither ok"
     known = [s for s in speedups if s is not None]
-    if any(s < 1 - threshold for s in known):
+    slower = any(s < 1 - threshold for s in known)
+    faster = any(s > 1 + threshold for s in known)
+    if slower and faster:
+        return "mixed"
+    if slower:
         return "regression"
-    if any(s > 1 + threshold for s in known):
-        return "faster"
-    return "same"
+    return "faster" if faster else "same"
 
 
 def compare(
@@ -83,7 +88,8 @@ def render(changes: Sequence[Change], only_a: Sequence[Record], only_b: Sequence
         )
     regressions = sum(c.verdict.startswith("regression") for c in changes)
     faster = sum(c.verdict == "faster" for c in changes)
-    lines += ["", f"{len(changes)} shared rows: {faster} faster, {regressions} regressions."]
+    mixed = sum(c.verdict == "mixed" for c in changes)
+    lines += ["", f"{len(changes)} shared rows: {faster} faster, {regressions} regressions, {mixed} mixed."]
     for label, rows in (("Only in A", only_a), ("Only in B", only_b)):
         if rows:
             lines += ["", f"{label}: " + ", ".join(_row_name(r) for r in rows)]
