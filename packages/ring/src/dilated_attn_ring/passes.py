@@ -3,8 +3,8 @@
 Forward: interior segments go through the core's ``dilated_forward``; each piece attends to itself
 (causal when asked), then to the pieces of the same segment that arrive step by step, the next
 step's transfer in flight while the current one computes; per-piece results merge by LSE, and the
-pieces merge into the local result by LSE. Only the local piece and at most two remote pieces are
-held at once, whatever the world size.
+pieces merge into the local result by LSE. Besides its own pieces, a rank holds the remote pieces of
+at most two steps (the one computing, the one in flight), whatever the world size.
 
 Backward: every block runs ``attention_backward`` with the *merged* output and LSE of its rows.
 Remote pieces are fetched again, and the key/value gradients they receive are sent back to their
@@ -51,7 +51,7 @@ def _rows(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
 def _local_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RankPlan, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    b, m, h, _ = q.shape
+    m = q.shape[1]
     out: torch.Tensor | None = None
     lse: torch.Tensor | None = None
     for run in plan.local:
