@@ -80,9 +80,9 @@ def test_compare_names_speedups_regressions_and_status_changes(tmp_path, capsys)
     assert read_json(tmp_path / "a.json")[0] == a
     assert main(["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
     out = capsys.readouterr().out
-    assert "| sdpa b=1 n=256 h=2 d=16 fp32 | 10 | 5 | 2.00x |" in out
+    assert "| sdpa b=1, n=256, h=2, d=16, fp32, longnet | 10 | 5 | 2.00x |" in out
     assert "7 shared rows: 1 faster, 1 regressions, 1 mixed." in out
-    assert "Only in A: gone" in out and "Only in B: new" in out
+    assert "Only in A: gone b=1" in out and "Only in B: new b=1" in out
 
 
 def test_pool_report_covers_every_registered_pool(register_plugin):

@@ -66,11 +66,7 @@ def compare(
 
 
 def _row_name(r: Record) -> str:
-    return (
-        f"{r.implementation} b={r.batch} n={r.seq_len:,} h={r.heads} d={r.head_dim} {r.dtype}"
-        + (" causal" if r.causal else "")
-        + ("" if r.mode == "longnet" else f" {r.mode}")
-    )
+    return f"{r.implementation} {r.describe()}"
 
 
 def render(changes: Sequence[Change], only_a: Sequence[Record], only_b: Sequence[Record]) -> str:

@@ -71,11 +71,9 @@ class Implementation(ABC):
         raise NotImplementedError(f"{self.name} computes another function than dilated attention")
 
 
-def random_inputs(
-    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, *, count: int = 4
-) -> list[torch.Tensor]:
-    """``count`` standard-normal tensors: q, k, v (requiring grad) and the output gradient."""
-    tensors = [torch.randn(shape, dtype=dtype, device=device) for _ in range(count)]
+def random_inputs(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """Four standard-normal tensors: q, k, v (requiring grad) and the output gradient."""
+    tensors = [torch.randn(shape, dtype=dtype, device=device) for _ in range(4)]
     for t in tensors[:3]:
         t.requires_grad_(True)
     return tensors

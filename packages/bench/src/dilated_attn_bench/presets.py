@@ -73,11 +73,24 @@ class Workload:
         )
 
     def describe(self) -> str:
-        causal = ", causal" if self.causal else ""
-        return (
-            f"b={self.batch}, n={self.seq_len:,}, h={self.heads}, d={self.head_dim}, "
-            f"{dtype_name(self.dtype)}, {self.mode}{causal}"
+        return describe_shape(
+            self.batch,
+            self.seq_len,
+            self.heads,
+            self.head_dim,
+            dtype_name(self.dtype),
+            self.mode,
+            self.causal,
         )
+
+
+def describe_shape(
+    batch: int, seq_len: int, heads: int, head_dim: int, dtype: str, mode: str, causal: bool
+) -> str:
+    """``b=1, n=4,096, h=4, d=32, fp32, longnet`` (``, causal`` when causal): how reports name a shape."""
+    return f"b={batch}, n={seq_len:,}, h={heads}, d={head_dim}, {dtype}, {mode}" + (
+        ", causal" if causal else ""
+    )
 
 
 class Preset(NamedTuple):

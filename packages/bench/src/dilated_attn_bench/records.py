@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dilated_attn_bench.presets import describe_shape
+
 STATUS_OK = "ok"
 FAILED = "failed: "
 SKIPPED = "skipped: "
@@ -80,6 +82,12 @@ class Record:
             tuple(self.dilation_rates),
             self.causal,
             self.mode,
+        )
+
+    def describe(self) -> str:
+        """The workload, as :func:`describe_shape` spells it."""
+        return describe_shape(
+            self.batch, self.seq_len, self.heads, self.head_dim, self.dtype, self.mode, self.causal
         )
 
     def key(self) -> tuple[Any, ...]:

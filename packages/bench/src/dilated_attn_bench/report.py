@@ -33,11 +33,7 @@ def _error(record: Record) -> str:
 
 
 def _workload(record: Record) -> str:
-    causal = ", causal" if record.causal else ""
-    return (
-        f"{record.preset} (b={record.batch}, n={record.seq_len:,}, h={record.heads}, d={record.head_dim}, "
-        f"{record.dtype}, {record.mode}{causal})"
-    )
+    return f"{record.preset} ({record.describe()})"
 
 
 def _ratio_of(record: Record) -> tuple[bool, float] | None:
