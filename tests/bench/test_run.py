@@ -195,6 +195,13 @@ def test_backends_filter_and_unknown_name(tmp_path):
         main(["run", *TINY, "--exclude", "no-such-backend", "--output", str(tmp_path)])
 
 
+def test_non_positive_counts_are_refused(capsys):
+    for flag in ("--repeats", "--heads", "--warmup"):
+        with pytest.raises(SystemExit):
+            main(["run", *TINY, flag, "0"])
+        assert f"argument {flag}: '0' must be a positive int" in capsys.readouterr().err
+
+
 def test_bad_shape_flags_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="dilation_rates"):
         main(["run", *TINY, "--dilations", "1,256", "--output", str(tmp_path)])

@@ -7,7 +7,7 @@ import dataclasses
 import fnmatch
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -50,6 +50,19 @@ def _ints(text: str) -> list[int]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} must be comma-separated ints, e.g. 2048,4096") from None
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be a positive {kind.__name__}")
+        return value
+
+    return parse
 
 
 def _names(text: str) -> list[str]:
@@ -115,9 +128,9 @@ def _run(args: argparse.Namespace) -> int:
         warmup, repeats, budget, once_past_s = TIMING_DEFAULTS[device.type]
         settings = Settings(
             device=device,
-            warmup=args.warmup or warmup,
-            repeats=args.repeats or repeats,
-            budget_s=args.phase_budget or budget,
+            warmup=warmup if args.warmup is None else args.warmup,
+            repeats=repeats if args.repeats is None else args.repeats,
+            budget_s=budget if args.phase_budget is None else args.phase_budget,
             backward=not args.no_backward,
             dense_max_seq=args.dense_max_seq,
             once_past_s=once_past_s,
@@ -209,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch", type=_ints, help="batch sizes, comma-separated (overrides the preset's)")
     p.add_argument("--seq", type=_ints, help="sequence lengths, comma-separated")
-    p.add_argument("--heads", type=int)
-    p.add_argument("--dim", type=int, help="head dimension")
+    p.add_argument("--heads", type=_positive(int))
+    p.add_argument("--dim", type=_positive(int), help="head dimension")
     p.add_argument("--segments", type=_ints, help="segment lengths, comma-separated")
     p.add_argument("--dilations", type=_ints, help="dilation rates, comma-separated")
     p.add_argument("--dtype", choices=sorted(DTYPES))
@@ -225,13 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_names,
         help="implementations not to run, e.g. 'reference' (the O(h n^2) float64 oracle) at long lengths",
     )
-    p.add_argument("--repeats", type=int, help="timed calls per phase, at most")
-    p.add_argument("--warmup", type=int, help="untimed calls before timing")
-    p.add_argument("--phase-budget", type=float, help="seconds of timed calls a phase aims for")
+    p.add_argument("--repeats", type=_positive(int), help="timed calls per phase, at most")
+    p.add_argument("--warmup", type=_positive(int), help="untimed calls before timing")
+    p.add_argument("--phase-budget", type=_positive(float), help="seconds of timed calls a phase aims for")
     p.add_argument("--no-backward", action="store_true", help="time the forward only")
     p.add_argument(
         "--dense-max-seq",
-        type=int,
+        type=_positive(int),
         default=DENSE_MAX_SEQ,
         help="skip dense baselines past this length (default %(default)s)",
     )
@@ -254,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     q.add_argument(
         "--budget-mb",
-        type=float,
+        type=_positive(float),
         default=64.0,
         help="each pool's budget_bytes in MB (default %(default)s: the replay evicts)",
     )
@@ -264,11 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=[1024, 1536, 2048, 3072, 4096],
         help="workspace lengths of the replayed workload",
     )
-    q.add_argument("--heads", type=int, default=16)
-    q.add_argument("--dim", type=int, default=64)
-    q.add_argument("--pairs", type=int, default=2000, help="acquire/release pairs per timing round")
-    q.add_argument("--steps", type=int, default=200, help="acquires in the replayed workload")
-    q.add_argument("--held", type=int, default=4, help="leases held at once in the replayed workload")
+    q.add_argument("--heads", type=_positive(int), default=16)
+    q.add_argument("--dim", type=_positive(int), default=64)
+    q.add_argument(
+        "--pairs", type=_positive(int), default=2000, help="acquire/release pairs per timing round"
+    )
+    q.add_argument("--steps", type=_positive(int), default=200, help="acquires in the replayed workload")
+    q.add_argument(
+        "--held", type=_positive(int), default=4, help="leases held at once in the replayed workload"
+    )
     q.set_defaults(func=_pool)
     return parser
 
