@@ -5,7 +5,8 @@
    Target: the Rust pair at most 0.7x the Python pair.
 2. Raw ledger pair: acquire+release on the ledgers alone, no torch: called from Python for both, and
    timed inside Rust (``Ledger.time_pairs``, each call taking the mutex). Target: <= 250 ns in Rust.
-3. Attention forward ``dilated_attention(..., pool=pool)`` with no pool, the Python pool and the
+3. Attention forward ``dilated_attention(..., backend="sdpa", pool=pool)`` (a backend that takes a
+   pool: "auto" prefers "triton" on CUDA, which does not) with no pool, the Python pool and the
    Rust pool, on one fixed sequence length and on lengths varying call to call: time per forward,
    the most bytes each pool held (``peak_reserved_bytes``), and on CUDA the caching allocator's
    allocation count per forward (``memory_stats()["allocation.all.allocated"]``) and the peak
@@ -33,7 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from dilated_attn import dilated_attention
+from dilated_attn import dilated_attention, get_backend
 from dilated_attn.pool import BufferPool, PythonBufferPool, PythonLedger
 
 try:
@@ -131,7 +132,13 @@ def _allocations(device: torch.device) -> int:
 
 
 def attention(
-    device: torch.device, dtype: torch.dtype, lengths: list[int], calls: int, repeats: int, budget_bytes: int
+    device: torch.device,
+    dtype: torch.dtype,
+    lengths: list[int],
+    calls: int,
+    repeats: int,
+    budget_bytes: int,
+    backend: str,
 ) -> dict[str, Any]:
     """Forward passes with no pool and with each pool, on ``calls`` lengths drawn from ``lengths``."""
     heads, dim = (8, 64) if device.type == "cuda" else (4, 32)
@@ -149,7 +156,7 @@ def attention(
 
     def forward(n: int, pool: BufferPool | None) -> None:
         q, k, v = inputs[n]
-        dilated_attention(q, k, v, segments, dilations, pool=pool)
+        dilated_attention(q, k, v, segments, dilations, backend=backend, pool=pool)
 
     def block(pool: BufferPool | None) -> Callable[[], float]:
         def run() -> float:
@@ -210,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=0, help="forwards per attention block (0: by device)")
     parser.add_argument("--budget-mb", type=float, default=512.0, help="budget_bytes of the attention pools")
     parser.add_argument("--no-attention", action="store_true", help="only the pair and ledger timings")
+    parser.add_argument(
+        "--backend",
+        default="sdpa",
+        help="attention backend; it must take a pool (capability pool=True), which 'auto' may not pick",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"
@@ -222,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         "protocol_pair": protocol_pairs(device, args.pairs, args.repeats),
         "raw_ledger_pair": raw_ledger_pairs(args.pairs, args.repeats),
     }
+    if not args.no_attention and not get_backend(args.backend).capabilities.extra.get("pool", False):
+        parser.error(f"--backend={args.backend!r} does not take a pool (no capability pool=True)")
     if args.no_attention:
         results["attention"] = "skipped: --no-attention"
     else:
@@ -234,9 +248,10 @@ def main(argv: list[str] | None = None) -> int:
         calls = args.calls or (40 if on_cuda else 15)
         budget = int(args.budget_mb * 2**20)
         results["attention"] = {
+            "backend": args.backend,
             "dtype": str(dtype),
-            "fixed": attention(device, dtype, fixed, calls, args.repeats, budget),
-            "varying": attention(device, dtype, varying, calls, args.repeats, budget),
+            "fixed": attention(device, dtype, fixed, calls, args.repeats, budget, args.backend),
+            "varying": attention(device, dtype, varying, calls, args.repeats, budget, args.backend),
         }
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
@@ -263,7 +278,10 @@ def _print_table(results: dict[str, Any]) -> None:
     for kind in ("fixed", "varying"):
         block = att[kind]
         base = block["variants"]["no pool"]
-        print(f"\nattention forward, {kind} lengths {block['lengths']}, {block['shape']} {att['dtype']}")
+        print(
+            f"\nattention forward ({att['backend']}), {kind} lengths {block['lengths']}, "
+            f"{block['shape']} {att['dtype']}"
+        )
         header = ("variant", "ms/fwd", "vs none", "allocs/fwd", "peak MiB", "pool MiB", "hits", "misses")
         print("  " + header[0].ljust(10) + "".join(h.rjust(11) for h in header[1:]))
         for name, row in block["variants"].items():
