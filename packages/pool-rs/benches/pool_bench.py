@@ -13,7 +13,7 @@
    allocated bytes over the run.
    Targets: with a pool, at most 1 % slower on the fixed length, fewer allocations on varying ones.
 
-Usage (CPU here, or a GPU machine; about 1 minute on CPU, under 2 on an H100):
+Usage (CPU or GPU; 1 to 4 minutes on a shared 2-core CPU, well under 2 minutes on an H100):
 
     PYTHONPATH=packages/core/src python3 packages/pool-rs/benches/pool_bench.py --out pool.json
 
