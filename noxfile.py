@@ -31,7 +31,7 @@ def _install_pool(session: nox.Session) -> None:
     """Build the Rust pool's abi3 wheel with maturin and install it."""
     if not (ROOT / POOL / "pyproject.toml").exists():
         return
-    session.install("maturin>=1.5,<2")
+    session.install("maturin>=1.9.4,<2")
     wheels = Path(session.create_tmp()) / "wheels"
     session.run("maturin", "build", "--release", "-m", f"{POOL}/Cargo.toml", "-o", str(wheels), "--quiet")
     session.install("--no-deps", *sorted(str(w) for w in wheels.glob("*.whl")))
@@ -86,7 +86,8 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     """mypy over every package's sources."""
     session.install("mypy>=1.10", CORE, *_existing(list(PURE.values())))
-    session.run("mypy", *[f"{p}/src" for p in [CORE, *_existing(list(PURE.values()))]])
+    paths = [f"{p}/src" for p in [CORE, *_existing(list(PURE.values()))]]
+    session.run("mypy", *paths, f"{POOL}/python")
 
 
 @nox.session(python=False)
@@ -94,7 +95,7 @@ def rust(session: nox.Session) -> None:
     """cargo fmt --check, clippy with warnings as errors, and cargo test for the pool ledger."""
     manifest = f"{POOL}/Cargo.toml"
     session.run("cargo", "fmt", "--manifest-path", manifest, "--check", external=True)
-    session.run("cargo", "clippy", "--manifest-path", manifest, "--all-targets", "--", "-D", "warnings", external=True)
+    session.run("cargo", "clippy", "--manifest-path", manifest, "--all-targets", "--all-features", "--", "-D", "warnings", external=True)
     session.run("cargo", "test", "--manifest-path", manifest, external=True)
 
 

@@ -165,3 +165,20 @@ def test_cli_lists_plugins(installed_plugin):
     row = next(line for line in lines if " throwaway " in line)
     assert "throwaway-plugin" in row and "1.2.3" in row and "note=test plugin" in row
     assert any(line.split()[:2] == ["attention", "sdpa"] for line in lines)
+
+
+def test_pool_selection_prefers_highest_priority():
+    class FastPool:
+        @hookimpl
+        def dilated_attn_register_pool(self, register):
+            register("fast-test-pool", dict, priority=1000)
+
+    registry = get_registry()
+    name = registry.register(FastPool(), name="fast-pool-plugin")
+    try:
+        assert registry.default_pool().name == "fast-test-pool"
+    finally:
+        registry.unregister(name)
+    assert registry.default_pool().name in {"python", "rust"}
+    with pytest.raises(ValueError, match="pool='nope' is not a registered buffer pool"):
+        registry.pool("nope")

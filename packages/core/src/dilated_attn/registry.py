@@ -275,6 +275,13 @@ class Registry:
             ) from None
 
 
+    def default_pool(self) -> PoolFactory:
+        """The registered pool with the highest ``priority`` capability ("rust" when installed)."""
+        if not self._pools:
+            raise ValueError("no buffer pool is registered")
+        return max(self._pools.values(), key=lambda p: p.capabilities.get("priority", 0))
+
+
 def _check_name(kind: str, name: object) -> None:
     if not isinstance(name, str) or not name or name == "auto":
         raise ValueError(f"{kind} name={name!r} must be a non-empty string other than 'auto'")
@@ -365,6 +372,7 @@ def available_pools() -> list[str]:
     return sorted(get_registry().pools())
 
 
-def get_pool(name: str) -> PoolFactory:
-    """The buffer pool factory called ``name``."""
-    return get_registry().pool(name)
+def get_pool(name: str = "auto") -> PoolFactory:
+    """The buffer pool factory called ``name``; ``"auto"`` takes the highest-priority pool."""
+    registry = get_registry()
+    return registry.default_pool() if name == "auto" else registry.pool(name)
