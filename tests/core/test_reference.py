@@ -78,3 +78,9 @@ def test_gradients_flow_through_the_mixing_weights():
     assert torch.autograd.gradcheck(
         lambda a, b, c: dilated_attention_reference(a, b, c, [4, 10], [1, 2], causal=True), (q, k, v)
     )
+
+
+def test_oversized_problem_is_refused_before_allocating():
+    q = torch.randn(1, 1 << 22, 4, 2)
+    with pytest.raises(torch.OutOfMemoryError, match=r"float64 oracle needs about .* GiB for batch=1, seq=4194304, heads=4"):
+        dilated_attention_reference(q, q, q, [8], [1])

@@ -6,6 +6,7 @@ patterns whose key set for query ``p`` holds ``key``. Cost is O(h n^2): for test
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
@@ -14,13 +15,33 @@ from dilated_attn.pattern import DilationPattern, check_mode
 from dilated_attn.validation import check_qkv, check_scale
 
 
+def _check_fits(batch: int, n: int, num_heads: int, device: torch.device) -> None:
+    """Refuse, before allocating, a dense problem that cannot fit: the oracle holds several
+    ``(b, h, n, n)`` float64 tensors, and an oversized host allocation gets the process killed."""
+    need = 4 * batch * num_heads * n * n * 8
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > free:
+        raise torch.OutOfMemoryError(
+            f"the float64 oracle needs about {need / 2**30:.1f} GiB for batch={batch}, seq={n}, "
+            f"heads={num_heads} (O(b h n^2)); {free / 2**30:.1f} GiB are free on {device}"
+        )
+
+
 def multiplicity(
-    n: int, num_heads: int, pattern: DilationPattern, mode: str = "longnet", causal: bool = False
+    n: int,
+    num_heads: int,
+    pattern: DilationPattern,
+    mode: str = "longnet",
+    causal: bool = False,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """``c`` of SPEC 1a: ``(h, n, n)`` float64, the number of patterns that let query p see key k."""
     check_mode(mode)
-    pos = torch.arange(n)
-    c = torch.zeros(num_heads, n, n, dtype=torch.float64)
+    pos = torch.arange(n, device=device)
+    c = torch.zeros(num_heads, n, n, dtype=torch.float64, device=device)
     for (W, r), heads in zip(pattern.effective(n), pattern.head_sets(num_heads, mode)):
         seg = pos // W
         t = pos % W
@@ -55,7 +76,8 @@ def dilated_attention_reference(
     b, n, h, d = check_qkv(q, k, v, key_padding_mask=key_padding_mask)
     pattern = DilationPattern.of(segment_lengths, dilation_rates)
     scale = check_scale(scale, d)
-    c = multiplicity(n, h, pattern, mode, causal).to(q.device)  # (h, n, n)
+    _check_fits(b, n, h, q.device)
+    c = multiplicity(n, h, pattern, mode, causal, q.device)  # (h, n, n)
     bias = torch.log(c).unsqueeze(0)  # (1, h, n, n); -inf where c == 0
     if key_padding_mask is not None:
         bias = bias.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
