@@ -41,14 +41,14 @@ def _delta_kernel(
 
 @triton.jit
 def _dkdv_block(
-    dk, dv, k, v, q_block, do_block, lse_block, delta_block, offs_k, offs_n, offs_d, start_n, rows,
-    row_stride, lse_row_stride, qk_scale,
+    dk, dv, k, v, q_block, do_block, lse_block, delta_block, tile_offs, lse_tile_offs, offs_k, offs_n,
+    offs_d, start_n, rows, row_stride, lse_row_stride, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     q_rows = start_n + offs_n
-    offs = q_rows.to(tl.int64)[:, None] * row_stride + offs_d[None, :]
-    lse_offs = q_rows.to(tl.int64) * lse_row_stride
+    offs = start_n * row_stride + tile_offs
+    lse_offs = start_n * lse_row_stride + lse_tile_offs
     mask = offs_d[None, :] < HEAD_DIM
     if MASKED:
         mask = mask & (q_rows[:, None] < rows)
@@ -79,7 +79,8 @@ def _dkdv_block(
     return dk, dv
 
 
-@triton.jit
+# Triton turns int arguments equal to 1 into constants; r = 1 must stay a tensor for .to().
+@triton.jit(do_not_specialize=["dilation"])
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     stride_b, stride_n, stride_h, lse_stride_b, lse_stride_n,
@@ -99,6 +100,8 @@ def _dkdv_kernel(
         offs_k = start_m + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
+        tile_offs = offs_n.to(tl.int64)[:, None] * row_stride + offs_d[None, :]
+        lse_tile_offs = offs_n.to(tl.int64) * lse_row_stride
         key_offs = offs_k.to(tl.int64)[:, None] * row_stride + offs_d[None, :]
         key_mask = (offs_k[:, None] < rows) & (offs_d[None, :] < HEAD_DIM)
         k = tl.load(K + base + key_offs, mask=key_mask, other=0.0)
@@ -116,20 +119,20 @@ def _dkdv_kernel(
         full_end = (rows // BLOCK_N) * BLOCK_N
         for start_n in range(lo, mid, BLOCK_N):
             dk, dv = _dkdv_block(
-                dk, dv, k, v, Q + base, DO + base, LSE + lse_base, DELTA + lse_base, offs_k, offs_n,
-                offs_d, start_n, rows, row_stride, lse_row_stride, qk_scale,
+                dk, dv, k, v, Q + base, DO + base, LSE + lse_base, DELTA + lse_base, tile_offs,
+                lse_tile_offs, offs_k, offs_n, offs_d, start_n, rows, row_stride, lse_row_stride, qk_scale,
                 HEAD_DIM, HEAD_DIM_PAD, True, CAUSAL, DOT_PRECISION,
             )
         for start_n in range(mid, full_end, BLOCK_N):
             dk, dv = _dkdv_block(
-                dk, dv, k, v, Q + base, DO + base, LSE + lse_base, DELTA + lse_base, offs_k, offs_n,
-                offs_d, start_n, rows, row_stride, lse_row_stride, qk_scale,
+                dk, dv, k, v, Q + base, DO + base, LSE + lse_base, DELTA + lse_base, tile_offs,
+                lse_tile_offs, offs_k, offs_n, offs_d, start_n, rows, row_stride, lse_row_stride, qk_scale,
                 HEAD_DIM, HEAD_DIM_PAD, False, CAUSAL, DOT_PRECISION,
             )
         for start_n in range(tl.maximum(mid, full_end), rows, BLOCK_N):
             dk, dv = _dkdv_block(
-                dk, dv, k, v, Q + base, DO + base, LSE + lse_base, DELTA + lse_base, offs_k, offs_n,
-                offs_d, start_n, rows, row_stride, lse_row_stride, qk_scale,
+                dk, dv, k, v, Q + base, DO + base, LSE + lse_base, DELTA + lse_base, tile_offs,
+                lse_tile_offs, offs_k, offs_n, offs_d, start_n, rows, row_stride, lse_row_stride, qk_scale,
                 HEAD_DIM, HEAD_DIM_PAD, True, CAUSAL, DOT_PRECISION,
             )
         dk *= scale
@@ -142,13 +145,13 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dq_block(
-    dq, q, do, lse2, delta, k_block, v_block, offs_m, offs_n, offs_d, start_n, rows, row_stride,
-    qk_scale,
+    dq, q, do, lse2, delta, k_block, v_block, tile_offs, offs_m, offs_n, offs_d, start_n, rows,
+    row_stride, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     key_rows = start_n + offs_n
-    offs = key_rows.to(tl.int64)[:, None] * row_stride + offs_d[None, :]
+    offs = start_n * row_stride + tile_offs
     mask = offs_d[None, :] < HEAD_DIM
     if MASKED:
         mask = mask & (key_rows[:, None] < rows)
@@ -170,7 +173,8 @@ def _dq_block(
     return dq
 
 
-@triton.jit
+# Triton turns int arguments equal to 1 into constants; r = 1 must stay a tensor for .to().
+@triton.jit(do_not_specialize=["dilation"])
 def _dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     stride_b, stride_n, stride_h, lse_stride_b, lse_stride_n,
@@ -187,6 +191,7 @@ def _dq_kernel(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
+        tile_offs = offs_n.to(tl.int64)[:, None] * row_stride + offs_d[None, :]
         row_offs = offs_m.to(tl.int64)[:, None] * row_stride + offs_d[None, :]
         row_mask = (offs_m[:, None] < rows) & (offs_d[None, :] < HEAD_DIM)
         lse_offs = (
@@ -208,12 +213,12 @@ def _dq_kernel(
             full_hi = (rows // BLOCK_N) * BLOCK_N
         for start_n in range(0, full_hi, BLOCK_N):
             dq = _dq_block(
-                dq, q, do, lse2, delta, K + base, V + base, offs_m, offs_n, offs_d, start_n, rows,
+                dq, q, do, lse2, delta, K + base, V + base, tile_offs, offs_m, offs_n, offs_d, start_n, rows,
                 row_stride, qk_scale, HEAD_DIM, HEAD_DIM_PAD, False, CAUSAL, DOT_PRECISION,
             )
         for start_n in range(full_hi, hi, BLOCK_N):
             dq = _dq_block(
-                dq, q, do, lse2, delta, K + base, V + base, offs_m, offs_n, offs_d, start_n, rows,
+                dq, q, do, lse2, delta, K + base, V + base, tile_offs, offs_m, offs_n, offs_d, start_n, rows,
                 row_stride, qk_scale, HEAD_DIM, HEAD_DIM_PAD, True, CAUSAL, DOT_PRECISION,
             )
         dq *= scale

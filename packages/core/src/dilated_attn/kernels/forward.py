@@ -22,12 +22,14 @@ from dilated_attn.kernels.tuning import configs_for, dot_precision, head_dim_pad
 
 @triton.jit
 def _fwd_block(
-    acc, l_i, m_i, q, k_block, v_block, offs_m, offs_n, offs_d, start_n, rows, row_stride, qk_scale,
+    acc, l_i, m_i, q, k_block, v_block, tile_offs, offs_m, offs_n, offs_d, start_n, rows, row_stride,
+    qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     key_rows = start_n + offs_n
-    kv_offs = key_rows.to(tl.int64)[:, None] * row_stride + offs_d[None, :]
+    # The tile offsets are fixed; only the (int64) start of the block moves.
+    kv_offs = start_n * row_stride + tile_offs
     kv_mask = offs_d[None, :] < HEAD_DIM
     if MASKED:
         kv_mask = kv_mask & (key_rows[:, None] < rows)
@@ -57,7 +59,8 @@ def _fwd_block(
     return acc, l_i, m_new
 
 
-@triton.jit
+# Triton turns int arguments equal to 1 into constants; r = 1 must stay a tensor for .to().
+@triton.jit(do_not_specialize=["dilation"])
 def _fwd_kernel(
     Q, K, V, O, LSE,
     stride_b, stride_n, stride_h, lse_stride_b, lse_stride_n,
@@ -74,6 +77,7 @@ def _fwd_kernel(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
+        tile_offs = offs_n.to(tl.int64)[:, None] * row_stride + offs_d[None, :]
         row_offs = offs_m.to(tl.int64)[:, None] * row_stride + offs_d[None, :]
         row_mask = (offs_m[:, None] < rows) & (offs_d[None, :] < HEAD_DIM)
         q = tl.load(Q + base + row_offs, mask=row_mask, other=0.0)
@@ -90,12 +94,12 @@ def _fwd_kernel(
             full_hi = (rows // BLOCK_N) * BLOCK_N
         for start_n in range(0, full_hi, BLOCK_N):
             acc, l_i, m_i = _fwd_block(
-                acc, l_i, m_i, q, K + base, V + base, offs_m, offs_n, offs_d, start_n, rows,
+                acc, l_i, m_i, q, K + base, V + base, tile_offs, offs_m, offs_n, offs_d, start_n, rows,
                 row_stride, qk_scale, HEAD_DIM, HEAD_DIM_PAD, False, CAUSAL, DOT_PRECISION,
             )
         for start_n in range(full_hi, hi, BLOCK_N):
             acc, l_i, m_i = _fwd_block(
-                acc, l_i, m_i, q, K + base, V + base, offs_m, offs_n, offs_d, start_n, rows,
+                acc, l_i, m_i, q, K + base, V + base, tile_offs, offs_m, offs_n, offs_d, start_n, rows,
                 row_stride, qk_scale, HEAD_DIM, HEAD_DIM_PAD, True, CAUSAL, DOT_PRECISION,
             )
 
