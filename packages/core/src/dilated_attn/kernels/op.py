@@ -30,10 +30,9 @@ def _device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _empty_like_rows(
-    q: torch.Tensor, needs_init: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    b, n, h, d = q.shape
+def _new_outputs(q: torch.Tensor, needs_init: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out`` like ``q`` and ``lse`` ``(b, n, h)`` float32; zeroed (``-inf``) when rows may stay unwritten."""
+    b, n, h, _ = q.shape
     if needs_init:
         return torch.zeros_like(q), torch.full((b, n, h), float("-inf"), dtype=torch.float32, device=q.device)
     return torch.empty_like(q), torch.empty((b, n, h), dtype=torch.float32, device=q.device)
@@ -52,9 +51,9 @@ def triton_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dilated attention of ``(b, n, h, d)`` inputs: ``out`` (input dtype) and ``lse`` ``(b, n, h)`` float32."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    b, n, h, d = q.shape
+    _, n, h, _ = q.shape
     plan = plan_launches(n, h, segment_lengths, dilation_rates, mode)
-    out, lse = _empty_like_rows(q, plan.needs_init)
+    out, lse = _new_outputs(q, plan.needs_init)
     with _device_guard(q):
         for launch in plan.launches:
             forward_launch(q, k, v, out, lse, launch, causal=causal, scale=scale)
@@ -86,7 +85,7 @@ def triton_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)`` (input dtype) from the merged ``out`` and ``lse`` of the forward."""
     dout, q, k, v, out, lse = (t.contiguous() for t in (dout, q, k, v, out, lse))
-    b, n, h, d = q.shape
+    _, n, h, _ = q.shape
     plan = plan_launches(n, h, segment_lengths, dilation_rates, mode)
     make = torch.zeros_like if plan.needs_init else torch.empty_like
     dq, dk, dv = make(q), make(k), make(v)
