@@ -20,16 +20,15 @@ pytest.importorskip("triton")
 
 from dilated_attn import hookimpl  # noqa: E402
 from dilated_attn.functional import dilated_attention  # noqa: E402
-from dilated_attn.kernels import register_backends, triton_dilated_attention  # noqa: E402
+from dilated_attn.kernels import register_backends, triton_dilated_attention, tuning  # noqa: E402
 from dilated_attn.kernels.launches import plan_launches  # noqa: E402
-from dilated_attn.kernels.tuning import interpreting  # noqa: E402
 from dilated_attn.reference import dilated_attention_reference  # noqa: E402
 from dilated_attn.registry import get_registry  # noqa: E402
 from dilated_attn.testing import TOLERANCES, BackendConformance, relative_error  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 interpreted = pytest.mark.skipif(
-    not interpreting(), reason="CPU checks need the kernels imported under TRITON_INTERPRET=1"
+    not tuning.interpreting(), reason="CPU checks need the kernels imported under TRITON_INTERPRET=1"
 )
 cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
@@ -98,6 +97,34 @@ def test_plan_head_groups():
     small = plan_launches(50, 2, [8, 16, 64], [1, 1, 1], "head_groups")
     assert [(lc.head0, lc.segment) for lc in small.launches] == [(0, 8), (1, 16)]
     assert not small.needs_init
+
+
+# -- autotuning candidates ---------------------------------------------------------------------
+
+
+def _shapes(configs):
+    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs]
+
+
+@pytest.mark.parametrize("kernel", ["forward", "dkdv", "dq"])
+def test_pruner_tunes_large_calls_only(kernel, monkeypatch):
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
+    configs = tuning.configs_for(kernel)
+    prune = tuning.pruner(kernel)
+    for head_dim_pad, tier in ((32, 64), (64, 64), (128, 128), (256, 256)):
+        candidates = tuning._CANDIDATES[kernel][tier]
+        large = prune(configs, {"Q": torch.empty(0, dtype=torch.bfloat16), "tune_class": 1}, HEAD_DIM_PAD=head_dim_pad)
+        assert sorted(_shapes(large)) == sorted(candidates)
+        small = prune(configs, {"Q": torch.empty(0, dtype=torch.float16), "tune_class": 0}, HEAD_DIM_PAD=head_dim_pad)
+        assert _shapes(small) == [candidates[0]]
+        fp32 = prune(configs, {"Q": torch.empty(0), "tune_class": 1}, HEAD_DIM_PAD=head_dim_pad)
+        assert _shapes(fp32) == list(tuning._FLOAT32[tier])
+
+
+def test_tuning_class_depends_on_the_whole_call():
+    assert tuning.tuning_class(1, 1 << 20, 16) == 1
+    assert tuning.tuning_class(2, 4099, 4) == 0
+    assert tuning.tuning_class(1, tuning.TUNE_MIN_ROWS, 1) == 1
 
 
 # -- CPU interpreter ----------------------------------------------------------------------------

@@ -18,7 +18,14 @@ import triton.language as tl
 
 from dilated_attn.kernels.geometry import LOG2E, program_coords, row_geometry
 from dilated_attn.kernels.launches import Launch
-from dilated_attn.kernels.tuning import configs_for, dot_precision, head_dim_pad, interpreting, pruner
+from dilated_attn.kernels.tuning import (
+    configs_for,
+    dot_precision,
+    head_dim_pad,
+    interpreting,
+    pruner,
+    tuning_class,
+)
 
 
 @triton.jit
@@ -85,6 +92,7 @@ def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     stride_b, stride_n, stride_h, lse_stride_b, lse_stride_n,
     seq_len, segment, dilation, head0, num_heads, num_segments, max_rows, qk_scale, scale,
+    tune_class,  # read by the autotuner's key only
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,
     ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -179,6 +187,7 @@ def _dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     stride_b, stride_n, stride_h, lse_stride_b, lse_stride_n,
     seq_len, segment, dilation, head0, num_heads, num_segments, max_rows, qk_scale, scale,
+    tune_class,  # read by the autotuner's key only
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,
     ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -229,13 +238,13 @@ def _dq_kernel(
 
 _dkdv_tuned = triton.autotune(
     configs=configs_for("dkdv"),
-    key=["HEAD_DIM_PAD", "CAUSAL"],
+    key=["HEAD_DIM_PAD", "CAUSAL", "tune_class"],
     prune_configs_by={"early_config_prune": pruner("dkdv")},
 )(_dkdv_kernel)
 
 _dq_tuned = triton.autotune(
     configs=configs_for("dq"),
-    key=["HEAD_DIM_PAD", "CAUSAL"],
+    key=["HEAD_DIM_PAD", "CAUSAL", "tune_class"],
     prune_configs_by={"early_config_prune": pruner("dq")},
 )(_dq_kernel)
 
@@ -287,7 +296,7 @@ def backward_launch(
     geometry = (
         q.stride(0), q.stride(1), q.stride(2), lse.stride(0), lse.stride(1),
         n, launch.segment, launch.dilation, launch.head0, launch.num_heads, segments, max_rows,
-        scale * math.log2(math.e), scale,
+        scale * math.log2(math.e), scale, tuning_class(b, n, h),
     )
     _dkdv_tuned[grid](q, k, v, dout, lse, delta, dk, dv, *geometry, **common)
     _dq_tuned[grid](q, k, v, dout, lse, delta, dq, *geometry, **common)

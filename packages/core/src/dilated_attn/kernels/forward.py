@@ -17,7 +17,7 @@ import triton.language as tl
 
 from dilated_attn.kernels.geometry import LN2, LOG2E, program_coords, row_geometry
 from dilated_attn.kernels.launches import Launch
-from dilated_attn.kernels.tuning import configs_for, dot_precision, head_dim_pad, pruner
+from dilated_attn.kernels.tuning import configs_for, dot_precision, head_dim_pad, pruner, tuning_class
 
 
 @triton.jit
@@ -65,6 +65,7 @@ def _fwd_kernel(
     Q, K, V, O, LSE,
     stride_b, stride_n, stride_h, lse_stride_b, lse_stride_n,
     seq_len, segment, dilation, head0, num_heads, num_segments, max_rows, qk_scale,
+    tune_class,  # read by the autotuner's key only
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,
     ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -127,7 +128,7 @@ def _fwd_kernel(
 
 _fwd_tuned = triton.autotune(
     configs=configs_for("forward"),
-    key=["HEAD_DIM_PAD", "CAUSAL"],
+    key=["HEAD_DIM_PAD", "CAUSAL", "tune_class"],
     prune_configs_by={"early_config_prune": pruner("forward")},
 )(_fwd_kernel)
 
@@ -158,7 +159,7 @@ def forward_launch(
         q, k, v, out, lse,
         q.stride(0), q.stride(1), q.stride(2), lse.stride(0), lse.stride(1),
         n, launch.segment, launch.dilation, launch.head0, launch.num_heads, segments,
-        max_rows, scale * math.log2(math.e),
+        max_rows, scale * math.log2(math.e), tuning_class(b, n, h),
         HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad(d), CAUSAL=causal,
         ACCUMULATE=launch.accumulate, DOT_PRECISION=dot_precision(q.dtype),
     )

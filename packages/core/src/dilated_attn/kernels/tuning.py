@@ -1,9 +1,9 @@
 """Autotuning candidates per head_dim, and the dtype rules the kernels share.
 
-Each kernel is tuned once per (padded head_dim, causal, dtypes) by ``triton.autotune`` and the winner
-is cached for the process (``TRITON_CACHE_AUTOTUNING=1`` also keeps it on disk). The first call with a
-given key is always a head's first launch, which overwrites its rows instead of merging into them, so
-re-running it while tuning is harmless and no output needs saving and restoring.
+Each kernel is tuned once per (padded head_dim, causal, dtypes, size class) by ``triton.autotune``;
+the winner is cached for the process (``TRITON_CACHE_AUTOTUNING=1`` also keeps it on disk). The first
+call with a given key is always a head's first launch, which overwrites its rows instead of merging
+into them, so re-running it while tuning is harmless and no output needs saving and restoring.
 """
 
 from __future__ import annotations
@@ -18,26 +18,31 @@ import triton
 INTERPRET_ENV = "TRITON_INTERPRET"
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M is the tile the program owns (query rows in the
-# forward and dQ kernels, key rows in the dK/dV kernel); BLOCK_N is the tile it loops over. Every
+# forward and dQ kernels, key rows in the dK/dV kernel); BLOCK_N is the tile it loops over. The first
+# of each tier is the default (no spills) for calls too small to tune. Every
 # candidate compiles for sm_90; up to d = 128 they use tensor-core (wgmma) products without register
 # spills; at d = 256 most spill a little and the tuner weighs that against their larger tiles.
 _CANDIDATES: dict[str, dict[int, tuple[tuple[int, int, int, int], ...]]] = {
     "forward": {
-        64: ((128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (128, 32, 4, 4)),
+        64: ((128, 64, 8, 4), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)),
         128: ((128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)),
         256: ((128, 32, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2)),
     },
     "dkdv": {
         64: ((128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)),
-        128: ((64, 64, 8, 2), (64, 32, 8, 3), (128, 32, 8, 2)),
+        128: ((64, 32, 8, 3), (64, 64, 8, 2), (128, 32, 8, 2)),
         256: ((32, 32, 8, 2), (64, 32, 8, 2), (64, 16, 8, 2)),
     },
     "dq": {
         64: ((128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)),
         128: ((128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 8, 2)),
-        256: ((64, 16, 4, 2), (32, 32, 4, 2), (64, 32, 8, 2)),
+        256: ((32, 32, 4, 2), (64, 16, 4, 2), (64, 32, 8, 2)),
     },
 }
+
+# Below this many (batch * seq * heads) rows a call runs the first candidate of its tier untuned:
+# benchmarking a dozen compiled candidates costs more than a small call can win back.
+TUNE_MIN_ROWS = 1 << 19
 
 # float32 multiplies in full precision on the CUDA cores (no tensor-core path), and its operand tiles
 # fill the registers: one small tile per tier, so no slow compiles of candidates that would spill.
@@ -89,9 +94,20 @@ def pruner(kernel: str) -> Callable[..., list[triton.Config]]:
             return [c for c in configs if _shape(c) == _INTERPRET_CONFIG]
         table = _FLOAT32 if named_args["Q"].element_size() == 4 else _CANDIDATES[kernel]
         wanted = table[_tier(kwargs["HEAD_DIM_PAD"])]
+        if not named_args["tune_class"]:
+            wanted = wanted[:1]
         return [c for c in configs if _shape(c) in wanted]
 
     return prune
+
+
+def tuning_class(batch: int, seq_len: int, num_heads: int) -> int:
+    """1 when a call is large enough to autotune, else 0 (part of the tuning key: see TUNE_MIN_ROWS).
+
+    It depends on the whole call, never on one pattern, so the first launch with a new key is still a
+    head's first launch (see the module docstring).
+    """
+    return int(batch * seq_len * num_heads >= TUNE_MIN_ROWS)
 
 
 def head_dim_pad(head_dim: int) -> int:
