@@ -19,9 +19,10 @@ INTERPRET_ENV = "TRITON_INTERPRET"
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M is the tile the program owns (query rows in the
 # forward and dQ kernels, key rows in the dK/dV kernel); BLOCK_N is the tile it loops over. The first
-# of each tier is the default (no spills) for calls too small to tune. Every
-# candidate compiles for sm_90; up to d = 128 they use tensor-core (wgmma) products without register
-# spills; at d = 256 most spill a little and the tuner weighs that against their larger tiles.
+# of each tier is the default for calls too small to tune. compile_check.py compiles them all for
+# sm_90: every one uses wgmma except the 32-row d = 256 tiles; the defaults up to d = 128 spill no
+# registers, a few other candidates spill 16-40 bytes, and most d = 256 tiles spill 60-300 bytes,
+# which the tuner weighs against their larger tiles.
 _CANDIDATES: dict[str, dict[int, tuple[tuple[int, int, int, int], ...]]] = {
     "forward": {
         64: ((128, 64, 8, 4), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)),

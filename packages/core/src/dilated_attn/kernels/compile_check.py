@@ -1,0 +1,114 @@
+"""Compile every autotuning candidate for a GPU target without a GPU, and report what came out.
+
+    PYTHONPATH=packages/core/src python3 packages/core/src/dilated_attn/kernels/compile_check.py [--arch 90]
+
+For each kernel and candidate tile: registers, spilled bytes (stack), shared memory and whether the
+block products use wgmma. Integer arguments that can be 1 at run time are compiled as the constant 1
+too, as Triton's specialisation does. Needs the ``ptxas``/``cuobjdump`` that ship with Triton, not a
+GPU. A compile check, not a speed measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+import time
+from typing import Any
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from dilated_attn.kernels.backward import _dkdv_kernel, _dq_kernel
+from dilated_attn.kernels.forward import _fwd_kernel
+from dilated_attn.kernels.tuning import _CANDIDATES, _FLOAT32
+
+KERNELS = {"forward": _fwd_kernel, "dkdv": _dkdv_kernel, "dq": _dq_kernel}
+# Arguments that the launchers pass as Python ints; strides are multiples of 16 elements.
+_STRIDES = ("stride_b", "stride_n", "stride_h", "lse_stride_b", "lse_stride_n")
+_MAY_BE_ONE = ("tune_class", "num_heads", "lse_stride_n", "head0", "max_rows", "seq_len", "segment", "num_segments")
+
+
+def _signature(kernel: Any, dtype: str, constants: dict[str, Any]) -> dict[str, str]:
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name in ("LSE", "DELTA"):
+            signature[name] = "*fp32"
+        elif name.isupper():
+            signature[name] = f"*{dtype}"
+        elif name in ("qk_scale", "scale"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    return signature
+
+
+def compile_one(
+    kernel: Any, dtype: str, head_dim: int, tile: tuple[int, int, int, int], arch: int, ones: bool
+) -> dict[str, Any]:
+    block_m, block_n, warps, stages = tile
+    constants: dict[str, Any] = dict(
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim, CAUSAL=True, ACCUMULATE=True,
+        DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=block_m, BLOCK_N=block_n,
+    )
+    if ones:
+        constants.update({name: 1 for name in _MAY_BE_ONE})
+    aligned = [n for n in kernel.arg_names if (n.isupper() or n in _STRIDES) and n not in constants]
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    source = ASTSource(kernel, _signature(kernel, dtype, constants), constexprs=constants, attrs=attrs)
+    start = time.perf_counter()
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages}
+    )
+    seconds = time.perf_counter() - start
+    usage = _resource_usage(compiled.asm["cubin"])
+    return {
+        "seconds": seconds,
+        "shared": compiled.metadata.shared,
+        "wgmma": "warp_group_dot" in compiled.asm["ttgir"],
+        **usage,
+    }
+
+
+def _resource_usage(cubin: bytes) -> dict[str, int]:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+        fh.write(cubin)
+        fh.flush()
+        text = subprocess.run([tool, "-res-usage", fh.name], capture_output=True, text=True, check=True).stdout
+    found = dict(re.findall(r"(REG|STACK):(\d+)", text))
+    return {"registers": int(found.get("REG", -1)), "stack": int(found.get("STACK", -1))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
+    args = parser.parse_args()
+    jobs = []
+    for name, kernel in KERNELS.items():
+        for tier, tiles in _CANDIDATES[name].items():
+            jobs += [(name, kernel, "bf16", tier, tile, False) for tile in tiles]
+        for tier, tiles in _FLOAT32.items():
+            jobs += [(name, kernel, "fp32", tier, tile, False) for tile in tiles]
+        jobs.append((name, kernel, "bf16", 64, _CANDIDATES[name][64][0], True))
+    print("| kernel | dtype | d | BLOCK_M x BLOCK_N, warps, stages | args = 1 | regs | stack | shared | wgmma | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, kernel, dtype, head_dim, tile, ones in jobs:
+        try:
+            r = compile_one(kernel, dtype, head_dim, tile, args.arch, ones)
+        except Exception as exc:  # report every candidate, failing ones included
+            print(f"| {name} | {dtype} | {head_dim} | {tile} | {ones} | FAILED: {type(exc).__name__}: {str(exc)[:200]} |")
+            continue
+        print(
+            f"| {name} | {dtype} | {head_dim} | {tile[0]}x{tile[1]}, {tile[2]}, {tile[3]} | {ones} | "
+            f"{r['registers']} | {r['stack']} | {r['shared']} | {r['wgmma']} | {r['seconds']:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
