@@ -39,19 +39,20 @@ def _fwd_block(
     else:
         k = tl.load(k_block + kv_offs)
         v = tl.load(v_block + kv_offs)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
         valid = key_rows[None, :] < rows
         if CAUSAL:
             valid = valid & (key_rows[None, :] <= offs_m[:, None])
         qk = tl.where(valid, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # Scale the row maxima rather than the tile, so that the tile's scale and shift fuse into one FMA.
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     if MASKED:
         # A row whose keys are all masked so far keeps m = -inf; subtract 0 instead of -inf.
         m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_new_safe = m_new
-    p = tl.math.exp2(qk - m_new_safe[:, None])
+    p = tl.math.exp2(qk * qk_scale - m_new_safe[:, None])
     alpha = tl.math.exp2(m_i - m_new_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
