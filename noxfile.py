@@ -53,7 +53,7 @@ def tests(session: nox.Session) -> None:
 def tests_core(session: nox.Session) -> None:
     """Core alone in its own environment: no other package may be needed by it."""
     session.install(*TEST_DEPS, CORE)
-    _pytest(session, "tests/core")
+    _pytest(session, "tests/core", "tests/kernels")
 
 
 @nox.session(python=PYTHON)

@@ -46,4 +46,8 @@ def test_flops_follow_the_spec_formula():
 def test_patterns_are_hashable_values():
     assert DilationPattern([8, 16], [1, 2]) == DilationPattern((8, 16), (1, 2))
     assert hash(DilationPattern([8], [2])) == hash(DilationPattern((8,), (2,)))
-    assert DilationPattern.of([8], [2]) is DilationPattern.of([8], [2])
+    assert DilationPattern.of([8], [2]) == DilationPattern((8,), (2,))
+    # Equal-but-float entries are still refused: 16.0 == 16 in Python, so no cache may be keyed by value.
+    DilationPattern.of([8, 16], [1, 2])
+    with pytest.raises(TypeError, match=r"segment_lengths\[1\]=16.0 must be an int"):
+        DilationPattern.of([8, 16.0], [1, 2])

@@ -182,3 +182,26 @@ def test_pool_selection_prefers_highest_priority():
     assert registry.default_pool().name in {"python", "rust"}
     with pytest.raises(ValueError, match="pool='nope' is not a registered buffer pool"):
         registry.pool("nope")
+
+
+def test_auto_skips_backends_without_dropout():
+    class NoDropout:
+        @hookimpl
+        def dilated_attn_register_attention(self, register):
+            def fn(q, k, v, segment_lengths, dilation_rates, **kwargs):
+                raise AssertionError("auto must not pick a backend without dropout for dropout_p > 0")
+
+            register("fast-no-dropout", fn, devices=("cpu",), dropout=False, priority=1000)
+
+    registry = get_registry()
+    name = registry.register(NoDropout(), name="no-dropout-plugin")
+    try:
+        q = torch.randn(1, 16, 2, 8)
+        assert registry.select(device_type="cpu", dtype=torch.float32, mode="longnet", causal=False,
+                               needs_grad=False).name == "fast-no-dropout"
+        out = dilated_attention(q, q, q, [8], [1], dropout_p=0.5)
+        assert out.shape == q.shape
+        with pytest.raises(ValueError, match="backend='fast-no-dropout' does not support dropout_p=0.5"):
+            dilated_attention(q, q, q, [8], [1], dropout_p=0.5, backend="fast-no-dropout")
+    finally:
+        registry.unregister(name)

@@ -18,7 +18,7 @@ def dilated_attn_register_attention(register: Callable[..., None]) -> None:
 
     register(
         "reference", reference_dilated_attention, devices=("cpu", "cuda"), dtypes=_DTYPES,
-        key_padding_mask=True, priority=-100, description="dense float64 oracle, O(h n^2)",
+        key_padding_mask=True, dropout=False, priority=-100, description="dense float64 oracle, O(h n^2)",
     )
     register(
         "sdpa", sdpa_dilated_attention, devices=("cpu", "cuda"), dtypes=_DTYPES,

@@ -110,8 +110,6 @@ def reference_dilated_attention(
     """The dense float64 oracle as a backend ("reference"): results cast back to the input dtype."""
     from dilated_attn.reference import dilated_attention_reference
 
-    if dropout_p > 0.0:
-        raise ValueError(f"dropout_p={dropout_p} is not supported by backend='reference' (it must be 0)")
     out, lse = dilated_attention_reference(
         q, k, v, segment_lengths, dilation_rates, mode=mode, causal=causal, scale=scale,
         return_lse=True, key_padding_mask=key_padding_mask,
@@ -171,6 +169,7 @@ def dilated_attention(
         chosen = registry.select(
             device_type=q.device.type, dtype=q.dtype, mode=mode, causal=causal,
             needs_grad=needs_grad, key_padding_mask=key_padding_mask is not None,
+            dropout=dropout_p > 0.0,
         )
     else:
         chosen = registry.attention(backend)
@@ -182,6 +181,8 @@ def dilated_attention(
         for name in chosen.capabilities.requires:
             if backend_kwargs.get(name) is None:
                 raise ValueError(f"backend={backend!r} requires the keyword argument {name}=...")
+    if dropout_p > 0.0 and not chosen.capabilities.dropout:
+        raise ValueError(f"backend={chosen.name!r} does not support dropout_p={dropout_p} (it must be 0)")
     if key_padding_mask is not None:
         if not chosen.capabilities.key_padding_mask:
             raise ValueError(f"backend={chosen.name!r} does not support key_padding_mask")

@@ -59,14 +59,15 @@ class DilationPattern:
         object.__setattr__(self, "dilation_rates", r)
 
     @classmethod
-    def of(cls, segment_lengths: "Sequence[int] | DilationPattern", dilation_rates: Sequence[int] | None = None) -> "DilationPattern":
-        """Accept a pattern or the two lists."""
+    def of(
+        cls, segment_lengths: Sequence[int] | DilationPattern, dilation_rates: Sequence[int] | None = None
+    ) -> DilationPattern:
+        """Accept a pattern or the two lists (validated on every call: it costs microseconds)."""
         if isinstance(segment_lengths, DilationPattern):
             return segment_lengths
         if dilation_rates is None:
             raise TypeError("dilation_rates=None: pass dilation_rates with segment_lengths")
-        return _cached_pattern(tuple(segment_lengths) if isinstance(segment_lengths, (list, tuple)) else segment_lengths,
-                               tuple(dilation_rates) if isinstance(dilation_rates, (list, tuple)) else dilation_rates)
+        return cls(segment_lengths, dilation_rates)
 
     @property
     def num_patterns(self) -> int:
@@ -114,19 +115,3 @@ class DilationPattern:
             total *= 3.5
         return total
 
-
-_pattern_cache: dict[tuple[object, object], DilationPattern] = {}
-
-
-def _cached_pattern(w: object, r: object) -> DilationPattern:
-    key = (w, r)
-    try:
-        return _pattern_cache[key]
-    except (KeyError, TypeError):
-        pattern = DilationPattern(w, r)  # type: ignore[arg-type]
-        if len(_pattern_cache) < 256:
-            try:
-                _pattern_cache[key] = pattern
-            except TypeError:
-                pass
-        return pattern

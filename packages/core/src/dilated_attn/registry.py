@@ -37,6 +37,7 @@ class Capabilities:
     backward: bool = True
     distributed: bool = False
     key_padding_mask: bool = False
+    dropout: bool = True
     # Names of keyword arguments the backend cannot run without (e.g. ``pattern``).
     requires: tuple[str, ...] = ()
     # Among the backends that fit, ``auto`` takes the highest priority.
@@ -69,6 +70,7 @@ class Capabilities:
             "backward": self.backward,
             "distributed": self.distributed,
             "key_padding_mask": self.key_padding_mask,
+            "dropout": self.dropout,
             "priority": self.priority,
         }
         if self.requires:
@@ -85,6 +87,7 @@ _CAPABILITY_FIELDS = {
     "backward",
     "distributed",
     "key_padding_mask",
+    "dropout",
     "requires",
     "priority",
     "auto",
@@ -237,6 +240,7 @@ class Registry:
         causal: bool,
         needs_grad: bool,
         key_padding_mask: bool = False,
+        dropout: bool = False,
     ) -> AttentionBackend:
         """The highest-priority backend that runs these inputs without extra arguments."""
         reasons = []
@@ -250,6 +254,8 @@ class Registry:
             )
             if why is None and key_padding_mask and not caps.key_padding_mask:
                 why = "key_padding_mask not supported"
+            if why is None and dropout and not caps.dropout:
+                why = "dropout not supported"
             if why is not None:
                 reasons.append(f"{backend.name}: {why}")
                 continue
