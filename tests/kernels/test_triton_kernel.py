@@ -234,7 +234,7 @@ def test_rejects_cpu_tensors_when_compiled(monkeypatch):
 
 
 def test_rejects_bad_pattern_and_mode():
-    q = torch.randn(1, 16, 2, 16)
+    q = torch.randn(1, 16, 2, 16, device="cuda" if HAS_CUDA else "cpu")
     with pytest.raises(ValueError, match=r"dilation_rates\[0\]=16 must be <= segment_lengths\[0\]=8"):
         triton_dilated_attention(q, q, q, [8], [16])
     with pytest.raises(ValueError, match="mode='dense'"):
