@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dilated_attn import dilated_attention
 from dilated_attn.block_attention import CUDA_KERNEL_ENV
 from dilated_attn.reference import dilated_attention_reference

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from dilated_attn import dilated_attention
 from dilated_attn.ops import dilated_backward, dilated_forward, jobs_for
 from dilated_attn.pattern import DilationPattern
 from dilated_attn.plan import plan_cache_info
 from dilated_attn.reference import dilated_attention_reference
 from dilated_attn.testing import BackendConformance, relative_error
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 class TestSdpaConformance(BackendConformance):
@@ -71,7 +70,7 @@ def test_gradcheck_float64():
     for mode in ("longnet", "head_groups"):
         for causal in (False, True):
             assert torch.autograd.gradcheck(
-                lambda a, b, c: dilated_attention(
+                lambda a, b, c, mode=mode, causal=causal: dilated_attention(
                     a, b, c, [4, 6, 11], [1, 2, 3], mode=mode, causal=causal, backend="sdpa"
                 ),
                 (q, k, v),
@@ -82,7 +81,9 @@ def test_gradients_through_lse_are_exact():
     torch.manual_seed(3)
     q, k, v = (torch.randn(2, 19, 3, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     assert torch.autograd.gradcheck(
-        lambda a, b, c: dilated_attention(a, b, c, [5, 8], [1, 2], return_lse=True, backend="sdpa")[1].masked_fill(
+        lambda a, b, c: dilated_attention(a, b, c, [5, 8], [1, 2], return_lse=True, backend="sdpa")[
+            1
+        ].masked_fill(
             torch.isneginf(dilated_attention_reference(a, b, c, [5, 8], [1, 2], return_lse=True)[1]), 0.0
         ),
         (q, k, v),
@@ -143,7 +144,9 @@ def test_dropout_is_unbiased():
     torch.manual_seed(6)
     q, k, v = (torch.randn(1, 32, 2, 8) for _ in range(3))
     plain = dilated_attention(q, k, v, [8, 32], [1, 2])
-    mean = torch.stack([dilated_attention(q, k, v, [8, 32], [1, 2], dropout_p=0.2) for _ in range(400)]).mean(0)
+    mean = torch.stack([dilated_attention(q, k, v, [8, 32], [1, 2], dropout_p=0.2) for _ in range(400)]).mean(
+        0
+    )
     assert relative_error(mean, plain) < 0.05
 
 
@@ -173,7 +176,9 @@ def test_bad_arguments_name_the_rule():
         dilated_attention(q, q, q, [8], [1], dropout_p=1.5)
     with pytest.raises(ValueError, match="scale=-1.0 must be a finite positive number"):
         dilated_attention(q, q, q, [8], [1], scale=-1.0)
-    with pytest.raises(ValueError, match="backend='nope' is not a registered attention backend; known backends"):
+    with pytest.raises(
+        ValueError, match="backend='nope' is not a registered attention backend; known backends"
+    ):
         dilated_attention(q, q, q, [8], [1], backend="nope")
     with pytest.raises(TypeError, match="q must be a torch.Tensor"):
         dilated_attention(q.numpy(), q, q, [8], [1])

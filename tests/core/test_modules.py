@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dilated_attn import DilatedAttention, LongNetLM, MultiheadDilatedAttention
 from dilated_attn.reference import dilated_attention_reference
 from dilated_attn.testing import relative_error
@@ -16,14 +15,20 @@ def _manual(mha: MultiheadDilatedAttention, x: torch.Tensor, causal: bool, mask=
     h, kvh, d = mha.num_heads, mha.num_kv_heads, mha.head_dim
     x64 = x.double()
     q = torch.nn.functional.linear(x64, mha.q_proj.weight.double(), mha.q_proj.bias.double()).view(b, n, h, d)
-    k = torch.nn.functional.linear(x64, mha.k_proj.weight.double(), mha.k_proj.bias.double()).view(b, n, kvh, d)
-    v = torch.nn.functional.linear(x64, mha.v_proj.weight.double(), mha.v_proj.bias.double()).view(b, n, kvh, d)
+    k = torch.nn.functional.linear(x64, mha.k_proj.weight.double(), mha.k_proj.bias.double()).view(
+        b, n, kvh, d
+    )
+    v = torch.nn.functional.linear(x64, mha.v_proj.weight.double(), mha.v_proj.bias.double()).view(
+        b, n, kvh, d
+    )
     k, v = k.repeat_interleave(h // kvh, 2), v.repeat_interleave(h // kvh, 2)
     pattern = mha.attention.pattern
     out = dilated_attention_reference(
         q, k, v, pattern, mode=mha.attention.mode, causal=causal, key_padding_mask=mask
     ).reshape(b, n, h * d)
-    out = torch.nn.functional.layer_norm(out, (h * d,), mha.norm.weight.double(), mha.norm.bias.double(), mha.norm.eps)
+    out = torch.nn.functional.layer_norm(
+        out, (h * d,), mha.norm.weight.double(), mha.norm.bias.double(), mha.norm.eps
+    )
     return torch.nn.functional.linear(out, mha.out_proj.weight.double(), mha.out_proj.bias.double())
 
 
@@ -71,7 +76,9 @@ def test_dilated_attention_module():
     attn = DilatedAttention([4, 8], [1, 2], causal=True)
     q = torch.randn(1, 20, 2, 8, requires_grad=True)
     out = attn(q, q, q)
-    ref = dilated_attention_reference(q.detach().double(), q.detach().double(), q.detach().double(), [4, 8], [1, 2], causal=True)
+    ref = dilated_attention_reference(
+        q.detach().double(), q.detach().double(), q.detach().double(), [4, 8], [1, 2], causal=True
+    )
     assert relative_error(out, ref) <= 1e-5
     assert "segment_lengths=[4, 8]" in repr(attn)
 

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import pytest
-
 from dilated_attn.pattern import DilationPattern
 
 
 def test_validation_names_argument_value_and_rule():
-    with pytest.raises(ValueError, match=r"segment_lengths=\[8, 16\] and dilation_rates=\[1\] must have the same length"):
+    with pytest.raises(
+        ValueError, match=r"segment_lengths=\[8, 16\] and dilation_rates=\[1\] must have the same length"
+    ):
         DilationPattern([8, 16], [1])
     with pytest.raises(ValueError, match=r"dilation_rates\[1\]=32 must be <= segment_lengths\[1\]=16"):
         DilationPattern([8, 16], [1, 32])
@@ -27,7 +28,11 @@ def test_effective_lengths_and_head_sets():
     assert p.effective(10) == [(4, 1), (10, 2)]
     assert [list(s) for s in p.head_sets(5, "longnet")] == [list(range(5))] * 2
     assert [list(s) for s in p.head_sets(5, "head_groups")] == [[0, 1, 2], [3, 4]]
-    assert [list(s) for s in DilationPattern([2, 4, 8], [1, 2, 4]).head_sets(2, "head_groups")] == [[0], [1], []]
+    assert [list(s) for s in DilationPattern([2, 4, 8], [1, 2, 4]).head_sets(2, "head_groups")] == [
+        [0],
+        [1],
+        [],
+    ]
     with pytest.raises(ValueError, match="mode='dense' must be one of"):
         p.head_sets(4, "dense")
 

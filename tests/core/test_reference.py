@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from dilated_attn.pattern import DilationPattern
 from dilated_attn.reference import dilated_attention_reference
 
@@ -34,7 +33,9 @@ def brute_force(q, k, v, w, r, mode, causal):
             for bi in range(b):
                 if not keys:
                     continue
-                scores = torch.stack([q[bi, p, j].double() @ k[bi, key, j].double() for key in keys]) / math.sqrt(d)
+                scores = torch.stack(
+                    [q[bi, p, j].double() @ k[bi, key, j].double() for key in keys]
+                ) / math.sqrt(d)
                 weights = torch.softmax(scores, 0)
                 out[bi, p, j] = sum(wt * v[bi, key, j].double() for wt, key in zip(weights, keys))
                 lse[bi, p, j] = torch.logsumexp(scores, 0)
@@ -82,5 +83,7 @@ def test_gradients_flow_through_the_mixing_weights():
 
 def test_oversized_problem_is_refused_before_allocating():
     q = torch.randn(1, 1 << 22, 4, 2)
-    with pytest.raises(torch.OutOfMemoryError, match=r"float64 oracle needs about .* GiB for batch=1, seq=4194304, heads=4"):
+    with pytest.raises(
+        torch.OutOfMemoryError, match=r"float64 oracle needs about .* GiB for batch=1, seq=4194304, heads=4"
+    ):
         dilated_attention_reference(q, q, q, [8], [1])

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dilated_attn import MultiheadDilatedAttention, dilated_attention, hookimpl
 from dilated_attn.registry import (
     build_registry,
@@ -27,16 +26,23 @@ def test_builtins_register_through_the_hook():
 
 
 def test_unknown_backend_lists_known_names():
-    with pytest.raises(ValueError, match=r"backend='missing' is not a registered attention backend; known backends: \[.*'sdpa'"):
+    with pytest.raises(
+        ValueError,
+        match=r"backend='missing' is not a registered attention backend; known backends: \[.*'sdpa'",
+    ):
         get_backend("missing")
 
 
 def test_auto_picks_highest_priority_that_fits():
     registry = get_registry()
-    chosen = registry.select(device_type="cpu", dtype=torch.float32, mode="longnet", causal=True, needs_grad=True)
+    chosen = registry.select(
+        device_type="cpu", dtype=torch.float32, mode="longnet", causal=True, needs_grad=True
+    )
     assert chosen.capabilities.priority >= registry.attention("sdpa").capabilities.priority
     with pytest.raises(ValueError, match="found no attention backend for device='tpu'"):
-        registry.select(device_type="tpu", dtype=torch.float32, mode="longnet", causal=False, needs_grad=False)
+        registry.select(
+            device_type="tpu", dtype=torch.float32, mode="longnet", causal=False, needs_grad=False
+        )
 
 
 class _Recorder:
@@ -46,10 +52,32 @@ class _Recorder:
 
     @hookimpl
     def dilated_attn_register_attention(self, register):
-        def fn(q, k, v, segment_lengths, dilation_rates, *, mode, causal, scale, dropout_p, return_lse, factor=2.0):
+        def fn(
+            q,
+            k,
+            v,
+            segment_lengths,
+            dilation_rates,
+            *,
+            mode,
+            causal,
+            scale,
+            dropout_p,
+            return_lse,
+            factor=2.0,
+        ):
             _Recorder.calls += 1
-            out = dilated_attention(q, k, v, segment_lengths, dilation_rates, mode=mode, causal=causal,
-                                    scale=scale, backend="sdpa")
+            out = dilated_attention(
+                q,
+                k,
+                v,
+                segment_lengths,
+                dilation_rates,
+                mode=mode,
+                causal=causal,
+                scale=scale,
+                backend="sdpa",
+            )
             return out * factor
 
         register("recorder", fn, devices=("cpu",), dtypes=(torch.float32,), auto=False)
@@ -197,8 +225,12 @@ def test_auto_skips_backends_without_dropout():
     name = registry.register(NoDropout(), name="no-dropout-plugin")
     try:
         q = torch.randn(1, 16, 2, 8)
-        assert registry.select(device_type="cpu", dtype=torch.float32, mode="longnet", causal=False,
-                               needs_grad=False).name == "fast-no-dropout"
+        assert (
+            registry.select(
+                device_type="cpu", dtype=torch.float32, mode="longnet", causal=False, needs_grad=False
+            ).name
+            == "fast-no-dropout"
+        )
         out = dilated_attention(q, q, q, [8], [1], dropout_p=0.5)
         assert out.shape == q.shape
         with pytest.raises(ValueError, match="backend='fast-no-dropout' does not support dropout_p=0.5"):

@@ -88,7 +88,11 @@ def test_plan_without_dense_pattern_needs_init():
 
 def test_plan_head_groups():
     plan = plan_launches(50, 5, [8, 16, 64], [1, 2, 4], "head_groups")
-    assert [(lc.head0, lc.num_heads, lc.dilation) for lc in plan.launches] == [(0, 2, 1), (2, 2, 2), (4, 1, 4)]
+    assert [(lc.head0, lc.num_heads, lc.dilation) for lc in plan.launches] == [
+        (0, 2, 1),
+        (2, 2, 2),
+        (4, 1, 4),
+    ]
     assert not any(lc.accumulate for lc in plan.launches)
     # Heads 2..4 start with r > 1, so their unselected rows must be zeroed first.
     assert plan.needs_init
@@ -113,9 +117,13 @@ def test_pruner_tunes_large_calls_only(kernel, monkeypatch):
     prune = tuning.pruner(kernel)
     for head_dim_pad, tier in ((32, 64), (64, 64), (128, 128), (256, 256)):
         candidates = tuning._CANDIDATES[kernel][tier]
-        large = prune(configs, {"Q": torch.empty(0, dtype=torch.bfloat16), "tune_class": 1}, HEAD_DIM_PAD=head_dim_pad)
+        large = prune(
+            configs, {"Q": torch.empty(0, dtype=torch.bfloat16), "tune_class": 1}, HEAD_DIM_PAD=head_dim_pad
+        )
         assert sorted(_shapes(large)) == sorted(candidates)
-        small = prune(configs, {"Q": torch.empty(0, dtype=torch.float16), "tune_class": 0}, HEAD_DIM_PAD=head_dim_pad)
+        small = prune(
+            configs, {"Q": torch.empty(0, dtype=torch.float16), "tune_class": 0}, HEAD_DIM_PAD=head_dim_pad
+        )
         assert _shapes(small) == [candidates[0]]
         fp32 = prune(configs, {"Q": torch.empty(0), "tune_class": 1}, HEAD_DIM_PAD=head_dim_pad)
         assert _shapes(fp32) == list(tuning._FLOAT32[tier])
@@ -180,8 +188,20 @@ def test_interpreted_opcheck():
     torch.library.opcheck(torch.ops.dilated_attn.triton_fwd.default, args)
     out, lse = torch.ops.dilated_attn.triton_fwd(*args)
     dout = torch.randn_like(out)
-    bwd_args = (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None, [8, 40], [1, 2],
-                "longnet", True, 0.25)
+    bwd_args = (
+        dout,
+        q.detach(),
+        k.detach(),
+        v.detach(),
+        out.detach(),
+        lse.detach(),
+        None,
+        [8, 40],
+        [1, 2],
+        "longnet",
+        True,
+        0.25,
+    )
     torch.library.opcheck(torch.ops.dilated_attn.triton_bwd.default, bwd_args)
 
 
@@ -261,8 +281,11 @@ class _InterpretedPlugin:
     @hookimpl
     def dilated_attn_register_attention(self, register):
         register(
-            "triton-interpreted", triton_dilated_attention, devices=("cpu",),
-            dtypes=(torch.float32, torch.float16), auto=False,
+            "triton-interpreted",
+            triton_dilated_attention,
+            devices=("cpu",),
+            dtypes=(torch.float32, torch.float16),
+            auto=False,
         )
 
 
@@ -305,7 +328,9 @@ CUDA_CASES = [
 
 @cuda
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize(
+    "dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"]
+)
 @pytest.mark.parametrize("shape, w, r, mode", CUDA_CASES)
 def test_cuda_matches_oracle(shape, w, r, mode, dtype, causal):
     _check(shape, w, r, mode=mode, causal=causal, dtype=dtype, device="cuda")
@@ -316,9 +341,12 @@ def test_cuda_auto_prefers_triton():
     q = torch.randn(1, 256, 2, 64, device="cuda", dtype=torch.bfloat16)
     out = dilated_attention(q, q, q, [64, 256], [1, 4])
     torch.testing.assert_close(out, triton_dilated_attention(q, q, q, [64, 256], [1, 4]), rtol=0, atol=0)
-    assert get_registry().select(
-        device_type="cuda", dtype=torch.bfloat16, mode="longnet", causal=True, needs_grad=True
-    ).name == "triton"
+    assert (
+        get_registry()
+        .select(device_type="cuda", dtype=torch.bfloat16, mode="longnet", causal=True, needs_grad=True)
+        .name
+        == "triton"
+    )
 
 
 @cuda
@@ -326,7 +354,9 @@ def test_cuda_compile_fullgraph():
     def f(q, k, v):
         return triton_dilated_attention(q, k, v, [256, 1024], [1, 4], causal=True)
 
-    q, k, v = (torch.randn(1, 1024, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    q, k, v = (
+        torch.randn(1, 1024, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+    )
     out = torch.compile(f, fullgraph=True)(q, k, v)
     out.float().square().sum().backward()
     grads = [t.grad.clone() for t in (q, k, v)]

@@ -40,7 +40,10 @@ def _plugins(as_json: bool) -> int:
     headers = ("kind", "name", "distribution", "version", "capabilities")
     table = [
         (
-            r["kind"], r["name"], r["distribution"], r["version"],
+            r["kind"],
+            r["name"],
+            r["distribution"],
+            r["version"],
             ", ".join(f"{k}={v}" for k, v in r["capabilities"].items()),
         )
         for r in rows

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -17,12 +17,23 @@ def dilated_attn_register_attention(register: Callable[..., None]) -> None:
     from dilated_attn.functional import reference_dilated_attention, sdpa_dilated_attention
 
     register(
-        "reference", reference_dilated_attention, devices=("cpu", "cuda"), dtypes=_DTYPES,
-        key_padding_mask=True, dropout=False, priority=-100, description="dense float64 oracle, O(h n^2)",
+        "reference",
+        reference_dilated_attention,
+        devices=("cpu", "cuda"),
+        dtypes=_DTYPES,
+        key_padding_mask=True,
+        dropout=False,
+        priority=-100,
+        description="dense float64 oracle, O(h n^2)",
     )
     register(
-        "sdpa", sdpa_dilated_attention, devices=("cpu", "cuda"), dtypes=_DTYPES,
-        key_padding_mask=True, priority=10, pool=True,
+        "sdpa",
+        sdpa_dilated_attention,
+        devices=("cpu", "cuda"),
+        dtypes=_DTYPES,
+        key_padding_mask=True,
+        priority=10,
+        pool=True,
         description="per-pattern gather, fused SDPA kernels with LSE, exact LSE merge",
     )
     try:

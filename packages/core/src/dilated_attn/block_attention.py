@@ -128,16 +128,43 @@ def attention_backward(
             if kernel == "flash":
                 cum_q, cum_k, seed, offset = _cuda_aux(kernel, q)
                 return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-                    dout, q, k, v, out, lse32, cum_q, cum_k, m_q, m_k, 0.0, causal,
-                    seed, offset, scale=scale,
+                    dout,
+                    q,
+                    k,
+                    v,
+                    out,
+                    lse32,
+                    cum_q,
+                    cum_k,
+                    m_q,
+                    m_k,
+                    0.0,
+                    causal,
+                    seed,
+                    offset,
+                    scale=scale,
                 )
             if kernel == "cudnn":
                 cum_q, cum_k, seed, offset, lse_dim = _cuda_aux(kernel, q)
                 if lse_dim == 4:
                     lse32 = lse32.unsqueeze(-1)
                 return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-                    dout, q, k, v, out, lse32, seed, offset, None, cum_q, cum_k,
-                    m_q, m_k, 0.0, causal, scale=scale,
+                    dout,
+                    q,
+                    k,
+                    v,
+                    out,
+                    lse32,
+                    seed,
+                    offset,
+                    None,
+                    cum_q,
+                    cum_k,
+                    m_q,
+                    m_k,
+                    0.0,
+                    causal,
+                    scale=scale,
                 )
         else:
             lse_c = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
@@ -173,7 +200,11 @@ def _scores(
 
 
 def _keep_mask(
-    shape: torch.Size, dropout_p: float, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
+    shape: torch.Size,
+    dropout_p: float,
+    generator: torch.Generator | None,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     keep = torch.rand(shape, generator=generator, device=device) >= dropout_p
     return keep.to(dtype) / (1.0 - dropout_p)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -39,8 +40,16 @@ class _DilatedAttention(torch.autograd.Function):
             workspace = lease.tensor
         try:
             acc, lse = dilated_forward(
-                q, k, v, jobs, causal=causal, scale=scale, dropout_p=dropout_p,
-                dropout_seed=seed, key_padding_mask=key_padding_mask, out=workspace,
+                q,
+                k,
+                v,
+                jobs,
+                causal=causal,
+                scale=scale,
+                dropout_p=dropout_p,
+                dropout_seed=seed,
+                key_padding_mask=key_padding_mask,
+                out=workspace,
             )
             out = acc.to(q.dtype, copy=lease is not None)
         finally:
@@ -62,8 +71,18 @@ class _DilatedAttention(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv = dilated_backward(
-            dout.contiguous(), q, k, v, out, lse, ctx.jobs, causal=ctx.causal, scale=ctx.scale,
-            dlse=dlse, dropout_p=ctx.dropout_p, dropout_seed=ctx.seed,
+            dout.contiguous(),
+            q,
+            k,
+            v,
+            out,
+            lse,
+            ctx.jobs,
+            causal=ctx.causal,
+            scale=ctx.scale,
+            dlse=dlse,
+            dropout_p=ctx.dropout_p,
+            dropout_seed=ctx.seed,
             key_padding_mask=ctx.key_padding_mask,
         )
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
@@ -111,8 +130,16 @@ def reference_dilated_attention(
     from dilated_attn.reference import dilated_attention_reference
 
     out, lse = dilated_attention_reference(
-        q, k, v, segment_lengths, dilation_rates, mode=mode, causal=causal, scale=scale,
-        return_lse=True, key_padding_mask=key_padding_mask,
+        q,
+        k,
+        v,
+        segment_lengths,
+        dilation_rates,
+        mode=mode,
+        causal=causal,
+        scale=scale,
+        return_lse=True,
+        key_padding_mask=key_padding_mask,
     )
     out = out.to(q.dtype)
     if not return_lse:
@@ -167,8 +194,12 @@ def dilated_attention(
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if backend == "auto":
         chosen = registry.select(
-            device_type=q.device.type, dtype=q.dtype, mode=mode, causal=causal,
-            needs_grad=needs_grad, key_padding_mask=key_padding_mask is not None,
+            device_type=q.device.type,
+            dtype=q.dtype,
+            mode=mode,
+            causal=causal,
+            needs_grad=needs_grad,
+            key_padding_mask=key_padding_mask is not None,
             dropout=dropout_p > 0.0,
         )
     else:
@@ -190,6 +221,15 @@ def dilated_attention(
     if pool is not None and chosen.capabilities.extra.get("pool", False):
         backend_kwargs["pool"] = pool
     return chosen.fn(
-        q, k, v, pattern.segment_lengths, pattern.dilation_rates, mode=mode, causal=causal,
-        scale=scale, dropout_p=dropout_p, return_lse=return_lse, **backend_kwargs,
+        q,
+        k,
+        v,
+        pattern.segment_lengths,
+        pattern.dilation_rates,
+        mode=mode,
+        causal=causal,
+        scale=scale,
+        dropout_p=dropout_p,
+        return_lse=return_lse,
+        **backend_kwargs,
     )

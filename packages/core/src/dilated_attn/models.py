@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,14 +70,17 @@ class LongNetLM(nn.Module):
     ) -> None:
         super().__init__()
         if vocab_size < 1 or num_layers < 1:
-            raise ValueError(
-                f"vocab_size={vocab_size} and num_layers={num_layers} must both be positive"
-            )
+            raise ValueError(f"vocab_size={vocab_size} and num_layers={num_layers} must both be positive")
         self.embed = nn.Embedding(vocab_size, embed_dim)
         self.blocks = nn.ModuleList(
             LongNetBlock(
-                embed_dim, num_heads, segment_lengths, dilation_rates,
-                mlp_ratio=mlp_ratio, dropout=dropout, **attention_kwargs,
+                embed_dim,
+                num_heads,
+                segment_lengths,
+                dilation_rates,
+                mlp_ratio=mlp_ratio,
+                dropout=dropout,
+                **attention_kwargs,
             )
             for _ in range(num_layers)
         )

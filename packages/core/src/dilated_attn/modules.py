@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,7 +52,10 @@ class DilatedAttention(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``q, k, v`` ``(b, n, h, d)`` -> ``(b, n, h, d)`` (and ``lse`` ``(b, n, h)``)."""
         return dilated_attention(
-            q, k, v, self.pattern,
+            q,
+            k,
+            v,
+            self.pattern,
             mode=self.mode,
             causal=self.causal if is_causal is None else is_causal,
             scale=self.scale,
@@ -103,7 +107,12 @@ class MultiheadDilatedAttention(nn.Module):
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
         kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1 or num_heads % kv_heads:
+        if (
+            isinstance(kv_heads, bool)
+            or not isinstance(kv_heads, int)
+            or kv_heads < 1
+            or num_heads % kv_heads
+        ):
             raise ValueError(
                 f"num_kv_heads={num_kv_heads!r} must be a positive int dividing num_heads={num_heads}"
             )
@@ -122,8 +131,12 @@ class MultiheadDilatedAttention(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps, **factory) if layer_norm else None
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.attention = DilatedAttention(
-            segment_lengths, dilation_rates, mode=mode, attention_dropout=dropout,
-            backend=backend, **backend_kwargs,
+            segment_lengths,
+            dilation_rates,
+            mode=mode,
+            attention_dropout=dropout,
+            backend=backend,
+            **backend_kwargs,
         )
         self.reset_parameters()
 
@@ -181,4 +194,3 @@ class MultiheadDilatedAttention(nn.Module):
         if self.norm is not None:
             out = self.norm(out)
         return self.out_proj(out), None
-

@@ -9,7 +9,7 @@ further partial results with ``merge_lse`` and pass their merged tensors to ``di
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -74,9 +74,7 @@ def _generator(seed: int | None, device: torch.device, index: int) -> torch.Gene
     return g
 
 
-def _groups(
-    jobs: Sequence[PatternJob], n: int, h: int, device: torch.device
-) -> list[tuple[int, Group]]:
+def _groups(jobs: Sequence[PatternJob], n: int, h: int, device: torch.device) -> list[tuple[int, Group]]:
     return [(i, g) for i, job in enumerate(jobs) for g in groups_for(job, n, h, device)]
 
 
@@ -174,5 +172,7 @@ def dilated_backward(
         )
         for acc, grad in ((dq, gq), (dk, gk), (dv, gv)):
             rows = segment_view(acc, group)
-            rows[:, :, group.flat] += grad.to(ct).view(b, group.count, len(group.heads), group.rows_per_segment, -1)
+            rows[:, :, group.flat] += grad.to(ct).view(
+                b, group.count, len(group.heads), group.rows_per_segment, -1
+            )
     return dq, dk, dv

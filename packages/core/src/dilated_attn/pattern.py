@@ -8,8 +8,8 @@ shorter); head ``j`` keeps the positions of a segment whose index ``t`` within i
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 MODES = ("longnet", "head_groups")
 
@@ -52,9 +52,7 @@ class DilationPattern:
             )
         for i, (wi, ri) in enumerate(zip(w, r)):
             if ri > wi:
-                raise ValueError(
-                    f"dilation_rates[{i}]={ri} must be <= segment_lengths[{i}]={wi}"
-                )
+                raise ValueError(f"dilation_rates[{i}]={ri} must be <= segment_lengths[{i}]={wi}")
         object.__setattr__(self, "segment_lengths", w)
         object.__setattr__(self, "dilation_rates", r)
 
@@ -114,4 +112,3 @@ class DilationPattern:
         if backward:
             total *= 3.5
         return total
-

@@ -67,9 +67,7 @@ def _build(job: PatternJob, n: int, num_heads: int, device: torch.device) -> tup
             offsets = torch.tensor([j % r for j in heads], dtype=torch.int64)
             rows = offsets[:, None] + r * torch.arange(m, dtype=torch.int64)[None, :]
             flat = rows * num_heads + torch.tensor(heads, dtype=torch.int64)[:, None]
-            groups.append(
-                Group(start, count, length, tuple(heads), m, flat.to(device), rows.to(device))
-            )
+            groups.append(Group(start, count, length, tuple(heads), m, flat.to(device), rows.to(device)))
     return tuple(groups)
 
 

@@ -7,7 +7,7 @@ patterns whose key set for query ``p`` holds ``key``. Cost is O(h n^2): for test
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

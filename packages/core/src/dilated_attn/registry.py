@@ -10,9 +10,10 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import pluggy
 import torch
@@ -279,7 +280,6 @@ class Registry:
             raise ValueError(
                 f"pool={name!r} is not a registered buffer pool; known pools: {sorted(self._pools)}"
             ) from None
-
 
     def default_pool(self) -> PoolFactory:
         """The registered pool with the highest ``priority`` capability ("rust" when installed)."""

@@ -118,15 +118,29 @@ class BackendConformance:
         fwd_tol, grad_tol = TOLERANCES[dtype]
         q, k, v = (t.requires_grad_(self.check_backward) for t in _inputs(case, dtype, self.device, seed))
         out, lse = dilated_attention(
-            q, k, v, case.segment_lengths, case.dilation_rates, mode=case.mode, causal=case.causal,
-            return_lse=True, backend=self.backend, **self.backend_kwargs,
+            q,
+            k,
+            v,
+            case.segment_lengths,
+            case.dilation_rates,
+            mode=case.mode,
+            causal=case.causal,
+            return_lse=True,
+            backend=self.backend,
+            **self.backend_kwargs,
         )
         assert out.shape == q.shape and out.dtype == dtype
         assert lse.shape == q.shape[:3]
         q64, k64, v64 = (t.detach().double().requires_grad_(self.check_backward) for t in (q, k, v))
         ref_out, ref_lse = dilated_attention_reference(
-            q64, k64, v64, case.segment_lengths, case.dilation_rates, mode=case.mode,
-            causal=case.causal, return_lse=True,
+            q64,
+            k64,
+            v64,
+            case.segment_lengths,
+            case.dilation_rates,
+            mode=case.mode,
+            causal=case.causal,
+            return_lse=True,
         )
         err = relative_error(out, ref_out)
         assert err <= fwd_tol, f"forward relative error {err:.3e} > {fwd_tol:g}"
@@ -163,7 +177,9 @@ class BackendConformance:
     def test_bad_pattern(self, segment_lengths: Any, dilation_rates: Any, error: type) -> None:
         q = torch.randn(1, 16, 2, 8, device=self.device, dtype=self.dtypes[0])
         with pytest.raises(error):
-            dilated_attention(q, q, q, segment_lengths, dilation_rates, backend=self.backend, **self.backend_kwargs)
+            dilated_attention(
+                q, q, q, segment_lengths, dilation_rates, backend=self.backend, **self.backend_kwargs
+            )
 
     def test_bad_tensors(self) -> None:
         dtype = self.dtypes[0]

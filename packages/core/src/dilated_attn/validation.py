@@ -45,13 +45,17 @@ def check_qkv(
         if not isinstance(key_padding_mask, torch.Tensor):
             raise TypeError(f"key_padding_mask must be a bool tensor, got {type(key_padding_mask).__name__}")
         if key_padding_mask.dtype != torch.bool:
-            raise TypeError(f"key_padding_mask.dtype={key_padding_mask.dtype} must be torch.bool (True = padding)")
+            raise TypeError(
+                f"key_padding_mask.dtype={key_padding_mask.dtype} must be torch.bool (True = padding)"
+            )
         if tuple(key_padding_mask.shape) != (b, n):
             raise ValueError(
                 f"key_padding_mask.shape={tuple(key_padding_mask.shape)} must be (batch, seq)=({b}, {n})"
             )
         if key_padding_mask.device != q.device:
-            raise ValueError(f"key_padding_mask.device={key_padding_mask.device} must equal q.device={q.device}")
+            raise ValueError(
+                f"key_padding_mask.device={key_padding_mask.device} must equal q.device={q.device}"
+            )
     return b, n, h, d
 
 

@@ -30,8 +30,15 @@ from dilated_attn.kernels.tuning import (
 
 @triton.jit
 def _delta_kernel(
-    O, DO, DLSE, DELTA, total_rows,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_R: tl.constexpr,
+    O,
+    DO,
+    DLSE,
+    DELTA,
+    total_rows,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -48,9 +55,28 @@ def _delta_kernel(
 
 @triton.jit
 def _dkdv_block(
-    dk, dv, k, v, q_block, do_block, lse_block, delta_block, tile_offs, lse_tile_offs, offs_k, offs_n,
-    offs_d, start_n, rows, row_stride, lse_row_stride, qk_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    dk,
+    dv,
+    k,
+    v,
+    q_block,
+    do_block,
+    lse_block,
+    delta_block,
+    tile_offs,
+    lse_tile_offs,
+    offs_k,
+    offs_n,
+    offs_d,
+    start_n,
+    rows,
+    row_stride,
+    lse_row_stride,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     q_rows = start_n + offs_n
@@ -89,13 +115,36 @@ def _dkdv_block(
 # Triton turns int arguments equal to 1 into constants; r = 1 must stay a tensor for .to().
 @triton.jit(do_not_specialize=["dilation"])
 def _dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
-    stride_b, stride_n, stride_h, lse_stride_b, lse_stride_n,
-    seq_len, segment, dilation, head0, num_heads, num_segments, max_rows, qk_scale, scale,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    stride_b,
+    stride_n,
+    stride_h,
+    lse_stride_b,
+    lse_stride_n,
+    seq_len,
+    segment,
+    dilation,
+    head0,
+    num_heads,
+    num_segments,
+    max_rows,
+    qk_scale,
+    scale,
     tune_class,  # read by the autotuner's key only
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-    ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # This program owns BLOCK_M key rows and walks the query rows that see them, BLOCK_N at a time.
     batch, head, seg, start_m = program_coords(max_rows, num_segments, num_heads, head0, BLOCK_M)
@@ -127,21 +176,81 @@ def _dkdv_kernel(
         full_end = (rows // BLOCK_N) * BLOCK_N
         for start_n in range(lo, mid, BLOCK_N):
             dk, dv = _dkdv_block(
-                dk, dv, k, v, Q + base, DO + base, LSE + lse_base, DELTA + lse_base, tile_offs,
-                lse_tile_offs, offs_k, offs_n, offs_d, start_n, rows, row_stride, lse_row_stride, qk_scale,
-                HEAD_DIM, HEAD_DIM_PAD, True, CAUSAL, DOT_PRECISION,
+                dk,
+                dv,
+                k,
+                v,
+                Q + base,
+                DO + base,
+                LSE + lse_base,
+                DELTA + lse_base,
+                tile_offs,
+                lse_tile_offs,
+                offs_k,
+                offs_n,
+                offs_d,
+                start_n,
+                rows,
+                row_stride,
+                lse_row_stride,
+                qk_scale,
+                HEAD_DIM,
+                HEAD_DIM_PAD,
+                True,
+                CAUSAL,
+                DOT_PRECISION,
             )
         for start_n in range(mid, full_end, BLOCK_N):
             dk, dv = _dkdv_block(
-                dk, dv, k, v, Q + base, DO + base, LSE + lse_base, DELTA + lse_base, tile_offs,
-                lse_tile_offs, offs_k, offs_n, offs_d, start_n, rows, row_stride, lse_row_stride, qk_scale,
-                HEAD_DIM, HEAD_DIM_PAD, False, CAUSAL, DOT_PRECISION,
+                dk,
+                dv,
+                k,
+                v,
+                Q + base,
+                DO + base,
+                LSE + lse_base,
+                DELTA + lse_base,
+                tile_offs,
+                lse_tile_offs,
+                offs_k,
+                offs_n,
+                offs_d,
+                start_n,
+                rows,
+                row_stride,
+                lse_row_stride,
+                qk_scale,
+                HEAD_DIM,
+                HEAD_DIM_PAD,
+                False,
+                CAUSAL,
+                DOT_PRECISION,
             )
         for start_n in range(tl.maximum(mid, full_end), rows, BLOCK_N):
             dk, dv = _dkdv_block(
-                dk, dv, k, v, Q + base, DO + base, LSE + lse_base, DELTA + lse_base, tile_offs,
-                lse_tile_offs, offs_k, offs_n, offs_d, start_n, rows, row_stride, lse_row_stride, qk_scale,
-                HEAD_DIM, HEAD_DIM_PAD, True, CAUSAL, DOT_PRECISION,
+                dk,
+                dv,
+                k,
+                v,
+                Q + base,
+                DO + base,
+                LSE + lse_base,
+                DELTA + lse_base,
+                tile_offs,
+                lse_tile_offs,
+                offs_k,
+                offs_n,
+                offs_d,
+                start_n,
+                rows,
+                row_stride,
+                lse_row_stride,
+                qk_scale,
+                HEAD_DIM,
+                HEAD_DIM_PAD,
+                True,
+                CAUSAL,
+                DOT_PRECISION,
             )
         dk *= scale
         if ACCUMULATE:
@@ -153,9 +262,25 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dq_block(
-    dq, q, do, lse2, delta, k_block, v_block, tile_offs, offs_m, offs_n, offs_d, start_n, rows,
-    row_stride, qk_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    k_block,
+    v_block,
+    tile_offs,
+    offs_m,
+    offs_n,
+    offs_d,
+    start_n,
+    rows,
+    row_stride,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     key_rows = start_n + offs_n
@@ -184,13 +309,35 @@ def _dq_block(
 # Triton turns int arguments equal to 1 into constants; r = 1 must stay a tensor for .to().
 @triton.jit(do_not_specialize=["dilation"])
 def _dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
-    stride_b, stride_n, stride_h, lse_stride_b, lse_stride_n,
-    seq_len, segment, dilation, head0, num_heads, num_segments, max_rows, qk_scale, scale,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    stride_b,
+    stride_n,
+    stride_h,
+    lse_stride_b,
+    lse_stride_n,
+    seq_len,
+    segment,
+    dilation,
+    head0,
+    num_heads,
+    num_segments,
+    max_rows,
+    qk_scale,
+    scale,
     tune_class,  # read by the autotuner's key only
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-    ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     batch, head, seg, start_m = program_coords(max_rows, num_segments, num_heads, head0, BLOCK_M)
     first, rows = row_geometry(seg, head, seq_len, segment, dilation)
@@ -204,9 +351,7 @@ def _dq_kernel(
         row_offs = offs_m.to(tl.int64)[:, None] * row_stride + offs_d[None, :]
         row_mask = (offs_m[:, None] < rows) & (offs_d[None, :] < HEAD_DIM)
         lse_offs = (
-            batch.to(tl.int64) * lse_stride_b
-            + (first + offs_m * dilation).to(tl.int64) * lse_stride_n
-            + head
+            batch.to(tl.int64) * lse_stride_b + (first + offs_m * dilation).to(tl.int64) * lse_stride_n + head
         )
         row_valid = offs_m < rows
         q = tl.load(Q + base + row_offs, mask=row_mask, other=0.0)
@@ -222,13 +367,49 @@ def _dq_kernel(
             full_hi = (rows // BLOCK_N) * BLOCK_N
         for start_n in range(0, full_hi, BLOCK_N):
             dq = _dq_block(
-                dq, q, do, lse2, delta, K + base, V + base, tile_offs, offs_m, offs_n, offs_d, start_n, rows,
-                row_stride, qk_scale, HEAD_DIM, HEAD_DIM_PAD, False, CAUSAL, DOT_PRECISION,
+                dq,
+                q,
+                do,
+                lse2,
+                delta,
+                K + base,
+                V + base,
+                tile_offs,
+                offs_m,
+                offs_n,
+                offs_d,
+                start_n,
+                rows,
+                row_stride,
+                qk_scale,
+                HEAD_DIM,
+                HEAD_DIM_PAD,
+                False,
+                CAUSAL,
+                DOT_PRECISION,
             )
         for start_n in range(full_hi, hi, BLOCK_N):
             dq = _dq_block(
-                dq, q, do, lse2, delta, K + base, V + base, tile_offs, offs_m, offs_n, offs_d, start_n, rows,
-                row_stride, qk_scale, HEAD_DIM, HEAD_DIM_PAD, True, CAUSAL, DOT_PRECISION,
+                dq,
+                q,
+                do,
+                lse2,
+                delta,
+                K + base,
+                V + base,
+                tile_offs,
+                offs_m,
+                offs_n,
+                offs_d,
+                start_n,
+                rows,
+                row_stride,
+                qk_scale,
+                HEAD_DIM,
+                HEAD_DIM_PAD,
+                True,
+                CAUSAL,
+                DOT_PRECISION,
             )
         dq *= scale
         if ACCUMULATE:
@@ -256,8 +437,15 @@ def compute_delta(out: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | No
     total = b * n * h
     block = 16 if interpreting() else max(16, 8192 // head_dim_pad(d))
     _delta_kernel[(triton.cdiv(total, block),)](
-        out, dout, dlse if dlse is not None else result, result, total,
-        HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad(d), HAS_DLSE=dlse is not None, BLOCK_R=block,
+        out,
+        dout,
+        dlse if dlse is not None else result,
+        result,
+        total,
+        HEAD_DIM=d,
+        HEAD_DIM_PAD=head_dim_pad(d),
+        HAS_DLSE=dlse is not None,
+        BLOCK_R=block,
     )
     return result
 
@@ -290,13 +478,28 @@ def backward_launch(
         return (b * launch.num_heads * segments * triton.cdiv(max_rows, meta["BLOCK_M"]),)
 
     common = dict(
-        HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad(d), CAUSAL=causal, ACCUMULATE=launch.accumulate,
+        HEAD_DIM=d,
+        HEAD_DIM_PAD=head_dim_pad(d),
+        CAUSAL=causal,
+        ACCUMULATE=launch.accumulate,
         DOT_PRECISION=dot_precision(q.dtype),
     )
     geometry = (
-        q.stride(0), q.stride(1), q.stride(2), lse.stride(0), lse.stride(1),
-        n, launch.segment, launch.dilation, launch.head0, launch.num_heads, segments, max_rows,
-        scale * math.log2(math.e), scale, tuning_class(b, n, h),
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        n,
+        launch.segment,
+        launch.dilation,
+        launch.head0,
+        launch.num_heads,
+        segments,
+        max_rows,
+        scale * math.log2(math.e),
+        scale,
+        tuning_class(b, n, h),
     )
     _dkdv_tuned[grid](q, k, v, dout, lse, delta, dk, dv, *geometry, **common)
     _dq_tuned[grid](q, k, v, dout, lse, delta, dq, *geometry, **common)

@@ -56,7 +56,11 @@ def _guarded(fn: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> di
     except torch.OutOfMemoryError as exc:
         return {"status": "oom", "error": str(exc).splitlines()[0][:300]}
     except Exception as exc:  # a failed measurement must not end the run
-        return {"status": "error", "error": f"{type(exc).__name__}: {exc}"[:500], "trace": traceback.format_exc()[-1500:]}
+        return {
+            "status": "error",
+            "error": f"{type(exc).__name__}: {exc}"[:500],
+            "trace": traceback.format_exc()[-1500:],
+        }
     finally:
         _free()
 
@@ -76,7 +80,9 @@ def _time_ms(fn: Callable[[], Any], warmup: int = 2, repeats: int = 5) -> float:
     return statistics.median(samples)
 
 
-def _inputs(n: int, *, grad: bool, heads: int = HEADS, dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
+def _inputs(
+    n: int, *, grad: bool, heads: int = HEADS, dtype: torch.dtype = torch.bfloat16
+) -> list[torch.Tensor]:
     shape = (1, n, heads, HEAD_DIM)
     tensors = [torch.randn(shape, device=DEVICE, dtype=dtype) for _ in range(4 if grad else 3)]
     if grad:
@@ -122,7 +128,10 @@ def throughput(n: int, mode: str, backend: str, *, grad: bool) -> dict[str, Any]
 
 def ceiling(n: int, kernel: SDPBackend, *, grad: bool) -> dict[str, Any]:
     segments = n // CEILING_SEGMENT
-    leaves = [torch.randn(segments, CEILING_SEGMENT, HEADS, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16) for _ in range(4)]
+    leaves = [
+        torch.randn(segments, CEILING_SEGMENT, HEADS, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)
+        for _ in range(4)
+    ]
     for t in leaves[:3]:
         t.requires_grad_(grad)
     q, k, v, dout = (t.transpose(1, 2) for t in leaves)
@@ -157,7 +166,14 @@ def correctness() -> list[dict[str, Any]]:
     return rows
 
 
-def _check(shape: tuple[int, ...], w: tuple[int, ...], r: tuple[int, ...], dtype: torch.dtype, mode: str, causal: bool) -> dict[str, Any]:
+def _check(
+    shape: tuple[int, ...],
+    w: tuple[int, ...],
+    r: tuple[int, ...],
+    dtype: torch.dtype,
+    mode: str,
+    causal: bool,
+) -> dict[str, Any]:
     g = torch.Generator(device=DEVICE).manual_seed(0)
     q, k, v = (torch.randn(shape, device=DEVICE, dtype=dtype, generator=g).requires_grad_() for _ in range(3))
     out, lse = triton_dilated_attention(q, k, v, w, r, mode=mode, causal=causal, return_lse=True)
@@ -169,7 +185,9 @@ def _check(shape: tuple[int, ...], w: tuple[int, ...], r: tuple[int, ...], dtype
     errors = {"out": relative_error(out, ref), "lse": relative_error(lse, ref_lse)}
     errors.update({f"d{name}": relative_error(a, b) for name, a, b in zip("qkv", grads, ref_grads)})
     fwd_tol, grad_tol = TOLERANCES[dtype]
-    passed = all(errors[key] <= fwd_tol for key in ("out", "lse")) and all(errors[f"d{x}"] <= grad_tol for x in "qkv")
+    passed = all(errors[key] <= fwd_tol for key in ("out", "lse")) and all(
+        errors[f"d{x}"] <= grad_tol for x in "qkv"
+    )
     return {"errors": errors, "passed": passed}
 
 
@@ -238,7 +256,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="path of the JSON results")
     parser.add_argument("--n", type=int, default=1 << 20, help="sequence length of the throughput runs")
-    parser.add_argument("--longest", default="2097152,4194304,8388608", help="lengths tried for the longest runs")
+    parser.add_argument(
+        "--longest", default="2097152,4194304,8388608", help="lengths tried for the longest runs"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernel.py needs a CUDA device")
@@ -251,7 +271,12 @@ def main() -> None:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "n": n,
-        "pattern": {"segment_lengths": SEGMENTS, "dilation_rates": DILATIONS, "heads": HEADS, "head_dim": HEAD_DIM},
+        "pattern": {
+            "segment_lengths": SEGMENTS,
+            "dilation_rates": DILATIONS,
+            "heads": HEADS,
+            "head_dim": HEAD_DIM,
+        },
     }
 
     results["tuning_forward"] = _guarded(one_call, n, grad=False)
@@ -284,30 +309,49 @@ def main() -> None:
 
 
 def _print_table(results: dict[str, Any]) -> None:
-    print(f"\n{results['device']}, torch {results['torch']}, triton {results['triton']}, {results['date']}, n={results['n']}")
+    print(
+        f"\n{results['device']}, torch {results['torch']}, triton {results['triton']}, {results['date']}, n={results['n']}"
+    )
     failed = [row["case"] for row in results["correctness"] if not row.get("passed")]
-    print(f"correctness vs float64 oracle: {len(results['correctness']) - len(failed)}/{len(results['correctness'])} passed")
+    print(
+        f"correctness vs float64 oracle: {len(results['correctness']) - len(failed)}/{len(results['correctness'])} passed"
+    )
     for case in failed:
         print(f"  FAILED {case}")
     print("\n| measurement | ms | TFLOP/s |\n|---|---|---|")
     for key in (
-        "ceiling_cudnn_fwd", "ceiling_cudnn_fwd_bwd", "ceiling_flash_fwd", "ceiling_flash_fwd_bwd",
-        "triton_fwd", "triton_fwd_bwd", "sdpa_fwd", "triton_head_groups_fwd", "sdpa_head_groups_fwd",
+        "ceiling_cudnn_fwd",
+        "ceiling_cudnn_fwd_bwd",
+        "ceiling_flash_fwd",
+        "ceiling_flash_fwd_bwd",
+        "triton_fwd",
+        "triton_fwd_bwd",
+        "sdpa_fwd",
+        "triton_head_groups_fwd",
+        "sdpa_head_groups_fwd",
     ):
         record = results[key]
         print(f"| {key} | {_fmt(record, 'ms', 2)} | {_fmt(record, 'tflops')} |")
     print("\n| ratio | value | target |\n|---|---|---|")
-    targets = {"fwd_vs_ceiling_cudnn": ">= 0.85", "fwd_bwd_vs_ceiling_cudnn": ">= 0.70", "head_groups_fwd_vs_sdpa": ">= 1.3"}
+    targets = {
+        "fwd_vs_ceiling_cudnn": ">= 0.85",
+        "fwd_bwd_vs_ceiling_cudnn": ">= 0.70",
+        "head_groups_fwd_vs_sdpa": ">= 1.3",
+    }
     for key, value in results["ratios"].items():
         print(f"| {key} | {'n/a' if value is None else f'{value:.3f}'} | {targets.get(key, '')} |")
     print("\n| memory beyond inputs | MiB | x output | target |\n|---|---|---|---|")
     for key in ("memory_fwd", "memory_fwd_bwd"):
         record = results[key]
-        print(f"| {key} | {_fmt(record, 'extra_mib', 0)} | {_fmt(record, 'ratio', 3)} | {'<= 1.5' if key == 'memory_fwd' else ''} |")
+        print(
+            f"| {key} | {_fmt(record, 'extra_mib', 0)} | {_fmt(record, 'ratio', 3)} | {'<= 1.5' if key == 'memory_fwd' else ''} |"
+        )
     print("\n| longest runs | n | s | peak GiB | status |\n|---|---|---|---|---|")
     for key in ("longest_fwd", "longest_fwd_bwd"):
         for row in results[key]:
-            print(f"| {key} | {row['n']} | {_fmt(row, 's', 2)} | {_fmt(row, 'peak_gib', 1)} | {row['status']} |")
+            print(
+                f"| {key} | {row['n']} | {_fmt(row, 's', 2)} | {_fmt(row, 'peak_gib', 1)} | {row['status']} |"
+            )
     configs = results["tuned_configs"].get("configs", {})
     for name, text in configs.items():
         print(f"tuned {name}: {text}")

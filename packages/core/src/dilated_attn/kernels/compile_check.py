@@ -29,7 +29,16 @@ from dilated_attn.kernels.tuning import _CANDIDATES, _FLOAT32
 KERNELS = {"forward": _fwd_kernel, "dkdv": _dkdv_kernel, "dq": _dq_kernel}
 # Arguments that the launchers pass as Python ints; strides are multiples of 16 elements.
 _STRIDES = ("stride_b", "stride_n", "stride_h", "lse_stride_b", "lse_stride_n")
-_MAY_BE_ONE = ("tune_class", "num_heads", "lse_stride_n", "head0", "max_rows", "seq_len", "segment", "num_segments")
+_MAY_BE_ONE = (
+    "tune_class",
+    "num_heads",
+    "lse_stride_n",
+    "head0",
+    "max_rows",
+    "seq_len",
+    "segment",
+    "num_segments",
+)
 
 
 def _signature(kernel: Any, dtype: str, constants: dict[str, Any]) -> dict[str, str]:
@@ -53,8 +62,13 @@ def compile_one(
 ) -> dict[str, Any]:
     block_m, block_n, warps, stages = tile
     constants: dict[str, Any] = dict(
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim, CAUSAL=True, ACCUMULATE=True,
-        DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=block_m, BLOCK_N=block_n,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim,
+        CAUSAL=True,
+        ACCUMULATE=True,
+        DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
     )
     if ones:
         constants.update({name: 1 for name in _MAY_BE_ONE})
@@ -80,7 +94,9 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
         fh.write(cubin)
         fh.flush()
-        text = subprocess.run([tool, "-res-usage", fh.name], capture_output=True, text=True, check=True).stdout
+        text = subprocess.run(
+            [tool, "-res-usage", fh.name], capture_output=True, text=True, check=True
+        ).stdout
     found = dict(re.findall(r"(REG|STACK):(\d+)", text))
     return {"registers": int(found.get("REG", -1)), "stack": int(found.get("STACK", -1))}
 
@@ -96,13 +112,17 @@ def main() -> None:
         for tier, tiles in _FLOAT32.items():
             jobs += [(name, kernel, "fp32", tier, tile, False) for tile in tiles]
         jobs.append((name, kernel, "bf16", 64, _CANDIDATES[name][64][0], True))
-    print("| kernel | dtype | d | BLOCK_M x BLOCK_N, warps, stages | args = 1 | regs | stack | shared | wgmma | s |")
+    print(
+        "| kernel | dtype | d | BLOCK_M x BLOCK_N, warps, stages | args = 1 | regs | stack | shared | wgmma | s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, kernel, dtype, head_dim, tile, ones in jobs:
         try:
             r = compile_one(kernel, dtype, head_dim, tile, args.arch, ones)
         except Exception as exc:  # report every candidate, failing ones included
-            print(f"| {name} | {dtype} | {head_dim} | {tile} | {ones} | FAILED: {type(exc).__name__}: {str(exc)[:200]} |")
+            print(
+                f"| {name} | {dtype} | {head_dim} | {tile} | {ones} | FAILED: {type(exc).__name__}: {str(exc)[:200]} |"
+            )
             continue
         print(
             f"| {name} | {dtype} | {head_dim} | {tile[0]}x{tile[1]}, {tile[2]}, {tile[3]} | {ones} | "

@@ -22,9 +22,24 @@ from dilated_attn.kernels.tuning import configs_for, dot_precision, head_dim_pad
 
 @triton.jit
 def _fwd_block(
-    acc, l_i, m_i, q, k_block, v_block, tile_offs, offs_m, offs_n, offs_d, start_n, rows, row_stride,
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_block,
+    v_block,
+    tile_offs,
+    offs_m,
+    offs_n,
+    offs_d,
+    start_n,
+    rows,
+    row_stride,
     qk_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     key_rows = start_n + offs_n
@@ -63,13 +78,32 @@ def _fwd_block(
 # Triton turns int arguments equal to 1 into constants; r = 1 must stay a tensor for .to().
 @triton.jit(do_not_specialize=["dilation"])
 def _fwd_kernel(
-    Q, K, V, O, LSE,
-    stride_b, stride_n, stride_h, lse_stride_b, lse_stride_n,
-    seq_len, segment, dilation, head0, num_heads, num_segments, max_rows, qk_scale,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    stride_b,
+    stride_n,
+    stride_h,
+    lse_stride_b,
+    lse_stride_n,
+    seq_len,
+    segment,
+    dilation,
+    head0,
+    num_heads,
+    num_segments,
+    max_rows,
+    qk_scale,
     tune_class,  # read by the autotuner's key only
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-    ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     batch, head, seg, start_m = program_coords(max_rows, num_segments, num_heads, head0, BLOCK_M)
     first, rows = row_geometry(seg, head, seq_len, segment, dilation)
@@ -96,13 +130,47 @@ def _fwd_kernel(
             full_hi = (rows // BLOCK_N) * BLOCK_N
         for start_n in range(0, full_hi, BLOCK_N):
             acc, l_i, m_i = _fwd_block(
-                acc, l_i, m_i, q, K + base, V + base, tile_offs, offs_m, offs_n, offs_d, start_n, rows,
-                row_stride, qk_scale, HEAD_DIM, HEAD_DIM_PAD, False, CAUSAL, DOT_PRECISION,
+                acc,
+                l_i,
+                m_i,
+                q,
+                K + base,
+                V + base,
+                tile_offs,
+                offs_m,
+                offs_n,
+                offs_d,
+                start_n,
+                rows,
+                row_stride,
+                qk_scale,
+                HEAD_DIM,
+                HEAD_DIM_PAD,
+                False,
+                CAUSAL,
+                DOT_PRECISION,
             )
         for start_n in range(full_hi, hi, BLOCK_N):
             acc, l_i, m_i = _fwd_block(
-                acc, l_i, m_i, q, K + base, V + base, tile_offs, offs_m, offs_n, offs_d, start_n, rows,
-                row_stride, qk_scale, HEAD_DIM, HEAD_DIM_PAD, True, CAUSAL, DOT_PRECISION,
+                acc,
+                l_i,
+                m_i,
+                q,
+                K + base,
+                V + base,
+                tile_offs,
+                offs_m,
+                offs_n,
+                offs_d,
+                start_n,
+                rows,
+                row_stride,
+                qk_scale,
+                HEAD_DIM,
+                HEAD_DIM_PAD,
+                True,
+                CAUSAL,
+                DOT_PRECISION,
             )
 
         # Rows past `rows` are never stored; give them a harmless denominator.
@@ -110,9 +178,7 @@ def _fwd_kernel(
         out = acc / l_safe[:, None]
         lse2 = m_i + tl.math.log2(l_safe)  # log2 units
         lse_offs = (
-            batch.to(tl.int64) * lse_stride_b
-            + (first + offs_m * dilation).to(tl.int64) * lse_stride_n
-            + head
+            batch.to(tl.int64) * lse_stride_b + (first + offs_m * dilation).to(tl.int64) * lse_stride_n + head
         )
         row_valid = offs_m < rows
         if ACCUMULATE:
@@ -157,10 +223,28 @@ def forward_launch(
         return (b * launch.num_heads * segments * triton.cdiv(max_rows, meta["BLOCK_M"]),)
 
     _fwd_tuned[grid](
-        q, k, v, out, lse,
-        q.stride(0), q.stride(1), q.stride(2), lse.stride(0), lse.stride(1),
-        n, launch.segment, launch.dilation, launch.head0, launch.num_heads, segments,
-        max_rows, scale * math.log2(math.e), tuning_class(b, n, h),
-        HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad(d), CAUSAL=causal,
-        ACCUMULATE=launch.accumulate, DOT_PRECISION=dot_precision(q.dtype),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        n,
+        launch.segment,
+        launch.dilation,
+        launch.head0,
+        launch.num_heads,
+        segments,
+        max_rows,
+        scale * math.log2(math.e),
+        tuning_class(b, n, h),
+        HEAD_DIM=d,
+        HEAD_DIM_PAD=head_dim_pad(d),
+        CAUSAL=causal,
+        ACCUMULATE=launch.accumulate,
+        DOT_PRECISION=dot_precision(q.dtype),
     )

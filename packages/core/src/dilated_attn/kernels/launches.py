@@ -79,7 +79,9 @@ def _plan(
             raise ValueError(f"heads={job.heads} of a pattern must be a contiguous range of head indices")
         fresh = touched.isdisjoint(job.heads)
         if not fresh and not touched.issuperset(job.heads):
-            raise ValueError(f"heads={job.heads} must all be new or all be merged into; got a partial overlap")
+            raise ValueError(
+                f"heads={job.heads} must all be new or all be merged into; got a partial overlap"
+            )
         if fresh and job.dilation != 1:
             needs_init = True
         touched.update(job.heads)
