@@ -95,7 +95,18 @@ def rust(session: nox.Session) -> None:
     """cargo fmt --check, clippy with warnings as errors, and cargo test for the pool ledger."""
     manifest = f"{POOL}/Cargo.toml"
     session.run("cargo", "fmt", "--manifest-path", manifest, "--check", external=True)
-    session.run("cargo", "clippy", "--manifest-path", manifest, "--all-targets", "--all-features", "--", "-D", "warnings", external=True)
+    session.run(
+        "cargo",
+        "clippy",
+        "--manifest-path",
+        manifest,
+        "--all-targets",
+        "--all-features",
+        "--",
+        "-D",
+        "warnings",
+        external=True,
+    )
     session.run("cargo", "test", "--manifest-path", manifest, external=True)
 
 
