@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from dilated_attn.registry import get_registry
 
 
 def _plugins(as_json: bool) -> int:
     registry = get_registry()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, backend in sorted(registry.backends().items()):
         rows.append(
             {

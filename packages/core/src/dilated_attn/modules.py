@@ -123,7 +123,7 @@ class MultiheadDilatedAttention(nn.Module):
         self.num_kv_heads = kv_heads
         self.head_dim = embed_dim // num_heads
         self.gamma_init = gamma_init
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         kv_dim = kv_heads * self.head_dim
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.k_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
