@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dilated_attn.kernels.geometry import LOG2E, program_coords, row_geometry
+from dilated_attn.kernels.geometry import LOG2E, load_row_tiles, program_coords, row_geometry
 from dilated_attn.kernels.launches import Launch
 from dilated_attn.kernels.tuning import (
     configs_for,
@@ -82,20 +82,11 @@ def _dkdv_block(
     q_rows = start_n + offs_n
     offs = start_n * row_stride + tile_offs
     lse_offs = start_n * lse_row_stride + lse_tile_offs
-    mask = offs_d[None, :] < HEAD_DIM
+    q, do = load_row_tiles(q_block, do_block, offs, q_rows, rows, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED)
     if MASKED:
-        mask = mask & (q_rows[:, None] < rows)
-        q = tl.load(q_block + offs, mask=mask, other=0.0)
-        do = tl.load(do_block + offs, mask=mask, other=0.0)
         lse2 = tl.load(lse_block + lse_offs, mask=q_rows < rows, other=0.0) * LOG2E
         delta = tl.load(delta_block + lse_offs, mask=q_rows < rows, other=0.0)
     else:
-        if HEAD_DIM == HEAD_DIM_PAD:
-            q = tl.load(q_block + offs)
-            do = tl.load(do_block + offs)
-        else:
-            q = tl.load(q_block + offs, mask=mask, other=0.0)
-            do = tl.load(do_block + offs, mask=mask, other=0.0)
         lse2 = tl.load(lse_block + lse_offs) * LOG2E
         delta = tl.load(delta_block + lse_offs)
     # Transposed scores (keys x queries), so that dV and dK come out of plain products.
@@ -285,15 +276,7 @@ def _dq_block(
 ):
     key_rows = start_n + offs_n
     offs = start_n * row_stride + tile_offs
-    mask = offs_d[None, :] < HEAD_DIM
-    if MASKED:
-        mask = mask & (key_rows[:, None] < rows)
-    if MASKED or HEAD_DIM != HEAD_DIM_PAD:
-        k = tl.load(k_block + offs, mask=mask, other=0.0)
-        v = tl.load(v_block + offs, mask=mask, other=0.0)
-    else:
-        k = tl.load(k_block + offs)
-        v = tl.load(v_block + offs)
+    k, v = load_row_tiles(k_block, v_block, offs, key_rows, rows, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED)
     p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse2[:, None])
     if MASKED:
         valid = key_rows[None, :] < rows

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dilated_attn.kernels.geometry import LN2, LOG2E, program_coords, row_geometry
+from dilated_attn.kernels.geometry import LN2, LOG2E, load_row_tiles, program_coords, row_geometry
 from dilated_attn.kernels.launches import Launch
 from dilated_attn.kernels.tuning import configs_for, dot_precision, head_dim_pad, pruner, tuning_class
 
@@ -45,15 +45,7 @@ def _fwd_block(
     key_rows = start_n + offs_n
     # The tile offsets are fixed; only the (int64) start of the block moves.
     kv_offs = start_n * row_stride + tile_offs
-    kv_mask = offs_d[None, :] < HEAD_DIM
-    if MASKED:
-        kv_mask = kv_mask & (key_rows[:, None] < rows)
-    if MASKED or HEAD_DIM != HEAD_DIM_PAD:
-        k = tl.load(k_block + kv_offs, mask=kv_mask, other=0.0)
-        v = tl.load(v_block + kv_offs, mask=kv_mask, other=0.0)
-    else:
-        k = tl.load(k_block + kv_offs)
-        v = tl.load(v_block + kv_offs)
+    k, v = load_row_tiles(k_block, v_block, kv_offs, key_rows, rows, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
         valid = key_rows[None, :] < rows

@@ -36,3 +36,32 @@ def row_geometry(seg, head, seq_len, segment, dilation):
     # seg_len - offset > -dilation, so the ceiling division never goes negative.
     rows = (seg_len - offset + dilation - 1) // dilation
     return seg_start + offset, rows
+
+
+@triton.jit
+def load_row_tiles(
+    a_block,
+    b_block,
+    offs,
+    tile_rows,
+    rows,
+    offs_d,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """Two ``(BLOCK, HEAD_DIM_PAD)`` tiles at the same row offsets (K and V, or Q and dO).
+
+    Masks only where needed: rows past ``rows`` when ``MASKED``, padded columns when the head size
+    is not a power of two; the unmasked path keeps the loads vectorised.
+    """
+    if MASKED or HEAD_DIM != HEAD_DIM_PAD:
+        mask = offs_d[None, :] < HEAD_DIM
+        if MASKED:
+            mask = mask & (tile_rows[:, None] < rows)
+        a = tl.load(a_block + offs, mask=mask, other=0.0)
+        b = tl.load(b_block + offs, mask=mask, other=0.0)
+    else:
+        a = tl.load(a_block + offs)
+        b = tl.load(b_block + offs)
+    return a, b
