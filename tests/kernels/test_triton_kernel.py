@@ -159,6 +159,39 @@ def test_interpreted_matches_oracle(shape, w, r, mode, dtype, causal):
 
 
 @interpreted
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape, w, r, mode", INTERPRETED_CASES)
+def test_interpreted_tensor_descriptors_match_oracle(shape, w, r, mode, causal, monkeypatch):
+    # The forward's tensor-descriptor path (bulk TMA copies on Hopper), forced on the interpreter.
+    from dilated_attn.kernels import forward
+
+    monkeypatch.setenv(tuning.TMA_ENV, "1")
+    chosen = []
+    real = forward.use_tma
+    monkeypatch.setattr(forward, "use_tma", lambda *t: chosen.append(real(*t)) or chosen[-1])
+    _check(shape, w, r, mode=mode, causal=causal, dtype=torch.float16, device="cpu")
+    # Every launch takes the descriptors unless the head size is not one they copy whole.
+    assert chosen and all(c == (shape[-1] in tuning._TMA_HEAD_DIMS) for c in chosen)
+
+
+def test_tensor_descriptor_eligibility(monkeypatch):
+    half = torch.empty(2, 8, 2, 64, dtype=torch.float16)
+    monkeypatch.setenv(tuning.TMA_ENV, "1")
+    assert tuning.use_tma(half, half, half)
+    assert not tuning.use_tma(half.float(), half.float(), half.float())  # float32: pointer loads
+    assert not tuning.use_tma(torch.empty(2, 8, 2, 24, dtype=torch.float16))  # 48-byte rows
+    misaligned = torch.empty(2 * 8 * 2 * 64 + 1, dtype=torch.float16)[1:].view(2, 8, 2, 64)
+    assert not tuning.use_tma(half, misaligned, half)
+    monkeypatch.setenv(tuning.TMA_ENV, "auto")
+    assert not tuning.use_tma(half, half, half)  # CPU tensors
+    monkeypatch.setenv(tuning.TMA_ENV, "0")
+    assert not tuning.use_tma(half, half, half)
+    monkeypatch.setenv(tuning.TMA_ENV, "yes")
+    with pytest.raises(ValueError, match=r"DILATED_ATTN_TRITON_TMA='yes' must be one of"):
+        tuning.use_tma(half, half, half)
+
+
+@interpreted
 def test_interpreted_empty_rows_are_zero_with_zero_gradients():
     # r = 2 and 4 with n = 37: rows at odd offsets of head 0 have no keys at all.
     q, k, v = (torch.randn(1, 37, 2, 16, requires_grad=True) for _ in range(3))

@@ -227,6 +227,67 @@ def longest(lengths: list[int], *, grad: bool) -> list[dict[str, Any]]:
     return rows
 
 
+VARIANT_TILES = ((128, 64, 8, 4), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3))
+VARIANT_FLAGS = ((), ("USE_TMA",), ("WARP_SPECIALIZE",), ("USE_TMA", "WARP_SPECIALIZE"))
+
+
+def forward_variants(n: int, repeats: int = 10) -> list[dict[str, Any]]:
+    """The ``longnet-1m`` forward under each (flags, tile) variant, each beside a fresh ceiling run.
+
+    Every variant's output is compared with the tuned kernel's (relative error), and each timing is
+    bracketed by cuDNN ceiling timings so that drift of the machine shows.
+    """
+    from dilated_attn.kernels.forward import forward_launch
+    from dilated_attn.kernels.launches import plan_launches
+
+    q, k, v = _inputs(n, grad=False)
+    plan = plan_launches(n, HEADS, SEGMENTS, DILATIONS, "longnet")
+    scale = HEAD_DIM**-0.5
+    flops = _useful_flops(n, "longnet", False)
+
+    def run(variant: dict[str, Any] | None) -> torch.Tensor:
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:3], device=DEVICE, dtype=torch.float32)
+        for launch in plan.launches:
+            forward_launch(q, k, v, out, lse, launch, causal=False, scale=scale, variant=variant)
+        return out
+
+    with torch.no_grad():
+        reference = triton_dilated_attention(q, k, v, SEGMENTS, DILATIONS)
+    rows = []
+    for flags in VARIANT_FLAGS:
+        for tile in VARIANT_TILES:
+            variant: dict[str, Any] = {name: True for name in flags}
+            variant["USE_TMA"] = "USE_TMA" in flags
+            variant["config"] = tile
+
+            def measure(variant: dict[str, Any] = variant) -> dict[str, Any]:
+                error = relative_error(run(variant), reference)
+                before = ceiling(n, SDPBackend.CUDNN_ATTENTION, grad=False)
+                ms = _time_ms(lambda: run(variant), repeats=repeats)
+                after = ceiling(n, SDPBackend.CUDNN_ATTENTION, grad=False)
+                ceiling_tflops = (before["tflops"] + after["tflops"]) / 2
+                tflops = flops / ms / 1e9
+                return {
+                    "ms": ms,
+                    "tflops": tflops,
+                    "ceiling_tflops": ceiling_tflops,
+                    "ratio": tflops / ceiling_tflops,
+                    "error_vs_tuned": error,
+                }
+
+            record = _guarded(measure)
+            record.update({"flags": "+".join(flags) or "-", "tile": tile})
+            rows.append(record)
+            print(
+                f"variant {record['flags']:<24} {tile}: {record.get('status')} "
+                f"{record.get('ms', float('nan')):.2f} ms ratio {record.get('ratio', float('nan')):.3f} "
+                f"err {record.get('error_vs_tuned', float('nan')):.2e} {record.get('error', '')[:200]}",
+                flush=True,
+            )
+    return rows
+
+
 def tuned_configs() -> dict[str, Any]:
     """The configurations the autotuner picked, per kernel and tuning key."""
     from dilated_attn.kernels.backward import _dkdv_tuned, _dq_tuned
@@ -259,9 +320,19 @@ def main() -> None:
     parser.add_argument(
         "--longest", default="2097152,4194304,8388608", help="lengths tried for the longest runs"
     )
+    parser.add_argument(
+        "--variants",
+        action="store_true",
+        help="only time the forward under each kernel variant (tensor descriptors, warp specialisation, tiles)",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernel.py needs a CUDA device")
+    if args.variants:
+        rows = forward_variants(args.n)
+        with open(args.out, "w") as fh:
+            json.dump({"device": torch.cuda.get_device_name(), "variants": rows}, fh, indent=2, default=str)
+        return
     import triton
 
     n = args.n

@@ -39,6 +39,7 @@ _MAY_BE_ONE = (
     "segment",
     "num_segments",
 )
+_FLAGS = ("USE_TMA", "WARP_SPECIALIZE")
 
 
 def _signature(kernel: Any, dtype: str, constants: dict[str, Any]) -> dict[str, str]:
@@ -58,7 +59,13 @@ def _signature(kernel: Any, dtype: str, constants: dict[str, Any]) -> dict[str, 
 
 
 def compile_one(
-    kernel: Any, dtype: str, head_dim: int, tile: tuple[int, int, int, int], arch: int, ones: bool
+    kernel: Any,
+    dtype: str,
+    head_dim: int,
+    tile: tuple[int, int, int, int],
+    arch: int,
+    ones: bool,
+    flags: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     block_m, block_n, warps, stages = tile
     constants: dict[str, Any] = dict(
@@ -70,6 +77,8 @@ def compile_one(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
     )
+    # Variant switches (the forward's USE_TMA, WARP_SPECIALIZE): off unless named in ``flags``.
+    constants.update({name: name in flags for name in _FLAGS if name in kernel.arg_names})
     if ones:
         constants.update({name: 1 for name in _MAY_BE_ONE})
     aligned = [n for n in kernel.arg_names if (n.isupper() or n in _STRIDES) and n not in constants]
@@ -108,24 +117,32 @@ def main() -> None:
     jobs = []
     for name, kernel in KERNELS.items():
         for tier, tiles in _CANDIDATES[name].items():
-            jobs += [(name, kernel, "bf16", tier, tile, False) for tile in tiles]
+            jobs += [(name, kernel, "bf16", tier, tile, False, ()) for tile in tiles]
         for tier, tiles in _FLOAT32.items():
-            jobs += [(name, kernel, "fp32", tier, tile, False) for tile in tiles]
-        jobs.append((name, kernel, "bf16", 64, _CANDIDATES[name][64][0], True))
+            jobs += [(name, kernel, "fp32", tier, tile, False, ()) for tile in tiles]
+        jobs.append((name, kernel, "bf16", 64, _CANDIDATES[name][64][0], True, ()))
+    for flags in (("USE_TMA",), ("WARP_SPECIALIZE",), ("USE_TMA", "WARP_SPECIALIZE")):
+        for tier in (64, 128):
+            jobs += [
+                ("forward", _fwd_kernel, "bf16", tier, tile, False, flags)
+                for tile in _CANDIDATES["forward"][tier]
+            ]
     print(
-        "| kernel | dtype | d | BLOCK_M x BLOCK_N, warps, stages | args = 1 | regs | stack | shared | wgmma | s |"
+        "| kernel | flags | dtype | d | BLOCK_M x BLOCK_N, warps, stages | args = 1 | regs | stack | shared "
+        "| wgmma | s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, kernel, dtype, head_dim, tile, ones in jobs:
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, kernel, dtype, head_dim, tile, ones, flags in jobs:
+        label = "+".join(flags) or "-"
         try:
-            r = compile_one(kernel, dtype, head_dim, tile, args.arch, ones)
+            r = compile_one(kernel, dtype, head_dim, tile, args.arch, ones, flags)
         except Exception as exc:  # report every candidate, failing ones included
             print(
-                f"| {name} | {dtype} | {head_dim} | {tile} | {ones} | FAILED: {type(exc).__name__}: {str(exc)[:200]} |"
+                f"| {name} | {label} | {dtype} | {head_dim} | {tile} | {ones} | FAILED: {type(exc).__name__}: {str(exc)[:200]} |"
             )
             continue
         print(
-            f"| {name} | {dtype} | {head_dim} | {tile[0]}x{tile[1]}, {tile[2]}, {tile[3]} | {ones} | "
+            f"| {name} | {label} | {dtype} | {head_dim} | {tile[0]}x{tile[1]}, {tile[2]}, {tile[3]} | {ones} | "
             f"{r['registers']} | {r['stack']} | {r['shared']} | {r['wgmma']} | {r['seconds']:.1f} |"
         )
 

@@ -10,6 +10,8 @@ merges its rows into ``out``/``lse`` by their log-sum-exps (or writes them, for 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import triton
@@ -17,7 +19,15 @@ import triton.language as tl
 
 from dilated_attn.kernels.geometry import LN2, LOG2E, load_row_tiles, program_coords, row_geometry
 from dilated_attn.kernels.launches import Launch
-from dilated_attn.kernels.tuning import configs_for, dot_precision, head_dim_pad, pruner, tuning_class
+from dilated_attn.kernels.tuning import (
+    configs_for,
+    dot_precision,
+    head_dim_pad,
+    install_scratch_allocator,
+    pruner,
+    tuning_class,
+    use_tma,
+)
 
 
 @triton.jit
@@ -26,8 +36,8 @@ def _fwd_block(
     l_i,
     m_i,
     q,
-    k_block,
-    v_block,
+    k_src,
+    v_src,
     tile_offs,
     offs_m,
     offs_n,
@@ -41,11 +51,17 @@ def _fwd_block(
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     key_rows = start_n + offs_n
-    # The tile offsets are fixed; only the (int64) start of the block moves.
-    kv_offs = start_n * row_stride + tile_offs
-    k, v = load_row_tiles(k_block, v_block, kv_offs, key_rows, rows, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED)
+    if USE_TMA:
+        # Rows past the head's last row in the segment come back as zeros (the descriptor's bounds).
+        k = k_src.load([start_n, 0])
+        v = v_src.load([start_n, 0])
+    else:
+        # The tile offsets are fixed; only the (int64) start of the block moves.
+        kv_offs = start_n * row_stride + tile_offs
+        k, v = load_row_tiles(k_src, v_src, kv_offs, key_rows, rows, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
         valid = key_rows[None, :] < rows
@@ -96,6 +112,8 @@ def _fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     batch, head, seg, start_m = program_coords(max_rows, num_segments, num_heads, head0, BLOCK_M)
     first, rows = row_geometry(seg, head, seq_len, segment, dilation)
@@ -108,7 +126,23 @@ def _fwd_kernel(
         tile_offs = offs_n.to(tl.int64)[:, None] * row_stride + offs_d[None, :]
         row_offs = offs_m.to(tl.int64)[:, None] * row_stride + offs_d[None, :]
         row_mask = (offs_m[:, None] < rows) & (offs_d[None, :] < HEAD_DIM)
-        q = tl.load(Q + base + row_offs, mask=row_mask, other=0.0)
+        if USE_TMA:
+            # Tensor-memory-accelerator descriptors over the head's dilated rows in this segment:
+            # shape (rows, d), row stride r*h*d; bulk copies, no address arithmetic per element.
+            q_desc = tl.make_tensor_descriptor(
+                Q + base, shape=[rows, HEAD_DIM], strides=[row_stride, 1], block_shape=[BLOCK_M, HEAD_DIM]
+            )
+            k_src = tl.make_tensor_descriptor(
+                K + base, shape=[rows, HEAD_DIM], strides=[row_stride, 1], block_shape=[BLOCK_N, HEAD_DIM]
+            )
+            v_src = tl.make_tensor_descriptor(
+                V + base, shape=[rows, HEAD_DIM], strides=[row_stride, 1], block_shape=[BLOCK_N, HEAD_DIM]
+            )
+            q = q_desc.load([start_m, 0])
+        else:
+            k_src = K + base
+            v_src = V + base
+            q = tl.load(Q + base + row_offs, mask=row_mask, other=0.0)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -120,14 +154,14 @@ def _fwd_kernel(
         else:
             hi = rows
             full_hi = (rows // BLOCK_N) * BLOCK_N
-        for start_n in range(0, full_hi, BLOCK_N):
+        for start_n in tl.range(0, full_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
             acc, l_i, m_i = _fwd_block(
                 acc,
                 l_i,
                 m_i,
                 q,
-                K + base,
-                V + base,
+                k_src,
+                v_src,
                 tile_offs,
                 offs_m,
                 offs_n,
@@ -141,6 +175,7 @@ def _fwd_kernel(
                 False,
                 CAUSAL,
                 DOT_PRECISION,
+                USE_TMA,
             )
         for start_n in range(full_hi, hi, BLOCK_N):
             acc, l_i, m_i = _fwd_block(
@@ -148,8 +183,8 @@ def _fwd_kernel(
                 l_i,
                 m_i,
                 q,
-                K + base,
-                V + base,
+                k_src,
+                v_src,
                 tile_offs,
                 offs_m,
                 offs_n,
@@ -163,6 +198,7 @@ def _fwd_kernel(
                 True,
                 CAUSAL,
                 DOT_PRECISION,
+                USE_TMA,
             )
 
         # Rows past `rows` are never stored; give them a harmless denominator.
@@ -187,7 +223,7 @@ def _fwd_kernel(
 
 _fwd_tuned = triton.autotune(
     configs=configs_for("forward"),
-    key=["HEAD_DIM_PAD", "CAUSAL", "tune_class"],
+    key=["HEAD_DIM_PAD", "CAUSAL", "tune_class", "USE_TMA", "WARP_SPECIALIZE"],
     prune_configs_by={"early_config_prune": pruner("forward")},
 )(_fwd_kernel)
 
@@ -202,11 +238,23 @@ def forward_launch(
     *,
     causal: bool,
     scale: float,
+    variant: Mapping[str, Any] | None = None,
 ) -> None:
     """Run one pattern and merge it into ``out`` ``(b, n, h, d)`` and ``lse`` ``(b, n, h)`` float32.
 
-    All tensors contiguous; ``out`` has the inputs' dtype.
+    All tensors contiguous; ``out`` has the inputs' dtype. ``variant`` (for measurements) overrides
+    ``USE_TMA`` / ``WARP_SPECIALIZE`` and, with ``config=(BLOCK_M, BLOCK_N, warps, stages)``,
+    launches that tile untuned.
     """
+    variant = dict(variant or {})
+    tma = variant.pop("USE_TMA", None)
+    tma = use_tma(q, k, v) if tma is None else bool(tma)
+    if tma:
+        install_scratch_allocator(q.device)
+    warp_specialize = bool(variant.pop("WARP_SPECIALIZE", False))
+    config = variant.pop("config", None)
+    if variant:
+        raise TypeError(f"variant keys {sorted(variant)} are not known; use USE_TMA, WARP_SPECIALIZE, config")
     b, n, h, d = q.shape
     max_rows = launch.max_rows()
     segments = launch.num_segments(n)
@@ -214,7 +262,13 @@ def forward_launch(
     def grid(meta: dict) -> tuple[int]:
         return (b * launch.num_heads * segments * triton.cdiv(max_rows, meta["BLOCK_M"]),)
 
-    _fwd_tuned[grid](
+    if config is None:
+        kernel, launch_options = _fwd_tuned, {}
+    else:
+        block_m, block_n, warps, stages = config
+        kernel = _fwd_kernel
+        launch_options = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+    kernel[grid](
         q,
         k,
         v,
@@ -239,4 +293,7 @@ def forward_launch(
         CAUSAL=causal,
         ACCUMULATE=launch.accumulate,
         DOT_PRECISION=dot_precision(q.dtype),
+        USE_TMA=tma,
+        WARP_SPECIALIZE=warp_specialize,
+        **launch_options,
     )

@@ -16,6 +16,9 @@ import torch
 import triton
 
 INTERPRET_ENV = "TRITON_INTERPRET"
+TMA_ENV = "DILATED_ATTN_TRITON_TMA"
+# Head sizes whose rows the tensor-memory accelerator copies whole (16-byte multiples, <= 256 bytes).
+_TMA_HEAD_DIMS = (16, 32, 64, 128)
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M is the tile the program owns (query rows in the
 # forward and dQ kernels, key rows in the dK/dV kernel); BLOCK_N is the tile it loops over. The first
@@ -60,6 +63,45 @@ _INTERPRET_CONFIG = (32, 16, 4, 1)
 
 # Read once, like triton.jit, which picks compiled or interpreted kernels when they are defined.
 _INTERPRETING = os.environ.get(INTERPRET_ENV, "0") not in ("", "0")
+
+
+def use_tma(*tensors: torch.Tensor) -> bool:
+    """Whether the forward reads its tiles through tensor descriptors (bulk TMA copies on Hopper).
+
+    ``DILATED_ATTN_TRITON_TMA``: ``auto`` (default: on for 16-bit inputs on sm_90+ whose head size
+    is 16..128 and a power of two, with 16-byte aligned data), ``1`` (wherever eligible, the
+    interpreter included), ``0`` (never: strided pointer loads).
+    """
+    setting = os.environ.get(TMA_ENV, "auto").strip().lower()
+    if setting not in ("auto", "0", "1"):
+        raise ValueError(f"{TMA_ENV}={setting!r} must be one of 'auto', '0', '1'")
+    if setting == "0":
+        return False
+    first = tensors[0]
+    eligible = (
+        first.dtype in (torch.float16, torch.bfloat16)
+        and first.shape[-1] in _TMA_HEAD_DIMS
+        and all(t.data_ptr() % 16 == 0 for t in tensors)
+    )
+    if not eligible:
+        return False
+    if setting == "1":
+        return True
+    return first.is_cuda and not interpreting() and torch.cuda.get_device_capability(first.device) >= (9, 0)
+
+
+def install_scratch_allocator(device: torch.device) -> None:
+    """Give Triton the global scratch that in-kernel tensor descriptors live in (per launch, tiny).
+
+    Triton keeps its allocator in a context variable, so it is set on the launching thread (the
+    autograd engine runs the backward on threads of its own).
+    """
+    if device.type == "cuda":
+        triton.set_allocator(_cuda_scratch)
+
+
+def _cuda_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def interpreting() -> bool:
