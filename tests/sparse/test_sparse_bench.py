@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[2] / "packages" / "sparse" / "benches" / "sparse_bench.py"
@@ -30,3 +31,80 @@ def test_bench_smoke(tmp_path):
     for row in report["sparse"]:
         assert 0 < row["density"] <= 1 and row["fwd"]["ms"] > 0 and row["fwdbwd_ratio"] > 0
     assert "| local_window(window=" in md.read_text()
+
+
+TUNING = BENCH.with_name("flex_tuning.py")
+
+
+def _load_tuning():
+    spec = importlib.util.spec_from_file_location("flex_tuning", TUNING)
+    assert spec is not None and spec.loader is not None
+    tuning = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tuning)
+    return tuning
+
+
+def test_flex_tuning_smoke(tmp_path, monkeypatch):
+    tuning = _load_tuning()
+    attention = tuning.block_sparse_attention
+
+    def rejecting(*args, kernel_options=None, **kwargs):
+        if kernel_options and "NOT_AN_OPTION" in kernel_options:
+            raise ValueError("NOT_AN_OPTION is not a kernel option")
+        return attention(*args, kernel_options=kernel_options, **kwargs)
+
+    # A candidate that fails is recorded with its error, and the sweep goes on.
+    monkeypatch.setattr(tuning, "block_sparse_attention", rejecting)
+    out, md = tmp_path / "tuning.json", tmp_path / "tuning.md"
+    extra = [{"NOT_AN_OPTION": 1}, {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64}]
+    status = tuning.main(
+        [
+            "--device", "cpu", "--max-candidates", "1", "--extra-options", json.dumps(extra), "--no-combine",
+            "--budget", "0", "--out", str(out), "--md", str(md),
+        ]
+    )  # fmt: skip
+    assert status == 0
+    report = json.loads(out.read_text())
+    assert report["ratio_reference"] == "math" and report["config"]["n"] == 1024
+    expected = [
+        (kind, group, options)
+        for kind in ("local_window", "dilated_blocks", "random_blocks")
+        for group, options in (
+            ("fwd", tuning.FWD_CANDIDATES[0]),
+            ("bwd", tuning.BWD_CANDIDATES[0]),
+            ("extra", extra[0]),
+            ("extra", extra[1]),
+        )
+    ]
+    records = report["records"]
+    assert [(r["kind"], r["group"], r["options"]) for r in records] == expected
+    failed = [r for r in records if "NOT_AN_OPTION" in r["options"]]
+    assert len(failed) == 3 and all(r["status"] == "error" and "ValueError" in r["error"] for r in failed)
+    for r in records:
+        if r in failed:
+            continue
+        assert r["status"] == "ok", r.get("error")
+        assert 0 < r["density"] <= 1 and math.isfinite(r["fwd_ratio"]) and r["fwd_ratio"] > 0
+        if r["group"] != "fwd":
+            assert math.isfinite(r["fwdbwd_ratio"]) and r["fwdbwd_ratio"] > 0
+        # On the CPU the options are ignored: every candidate computes the defaults' results.
+        assert max(r["err_vs_default"].values()) < 1e-6 and not r["suspect"]
+    assert {(b["kind"], b["timing"]) for b in report["best"]} == {
+        (kind, timing)
+        for kind in ("local_window", "dilated_blocks", "random_blocks")
+        for timing in ("fwd", "fwdbwd")
+    }
+    assert "**best fwd**" in md.read_text() and "**best fwd+bwd**" in md.read_text()
+
+
+def test_flex_tuning_time_limit(tmp_path):
+    out = tmp_path / "tuning.json"
+    status = _load_tuning().main(
+        [
+            "--device", "cpu", "--kinds", "local_window", "--candidates", "fwd", "--max-seconds", "0",
+            "--budget", "0", "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert status == 0
+    records = json.loads(out.read_text())["records"]
+    assert len(records) == 8 and {r["status"] for r in records} == {"skipped: time limit"}
