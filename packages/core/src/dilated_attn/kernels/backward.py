@@ -16,15 +16,17 @@ import torch
 import triton
 import triton.language as tl
 
-from dilated_attn.kernels.geometry import LOG2E, load_row_tiles, program_coords, row_geometry
+from dilated_attn.kernels.geometry import LOG2E, load_row_tiles, program_coords, row_geometry, row_source
 from dilated_attn.kernels.launches import Launch
 from dilated_attn.kernels.tuning import (
     configs_for,
     dot_precision,
     head_dim_pad,
+    install_scratch_allocator,
     interpreting,
     pruner,
     tuning_class,
+    use_tma,
 )
 
 
@@ -59,8 +61,8 @@ def _dkdv_block(
     dv,
     k,
     v,
-    q_block,
-    do_block,
+    q_src,
+    do_src,
     lse_block,
     delta_block,
     tile_offs,
@@ -78,11 +80,14 @@ def _dkdv_block(
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     q_rows = start_n + offs_n
     offs = start_n * row_stride + tile_offs
     lse_offs = start_n * lse_row_stride + lse_tile_offs
-    q, do = load_row_tiles(q_block, do_block, offs, q_rows, rows, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED)
+    q, do = load_row_tiles(
+        q_src, do_src, start_n, offs, q_rows, rows, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED, USE_TMA
+    )
     if MASKED:
         lse2 = tl.load(lse_block + lse_offs, mask=q_rows < rows, other=0.0) * LOG2E
         delta = tl.load(delta_block + lse_offs, mask=q_rows < rows, other=0.0)
@@ -136,6 +141,7 @@ def _dkdv_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     # This program owns BLOCK_M key rows and walks the query rows that see them, BLOCK_N at a time.
     batch, head, seg, start_m = program_coords(max_rows, num_segments, num_heads, head0, BLOCK_M)
@@ -154,6 +160,8 @@ def _dkdv_kernel(
         key_mask = (offs_k[:, None] < rows) & (offs_d[None, :] < HEAD_DIM)
         k = tl.load(K + base + key_offs, mask=key_mask, other=0.0)
         v = tl.load(V + base + key_offs, mask=key_mask, other=0.0)
+        q_src = row_source(Q + base, rows, row_stride, BLOCK_N, HEAD_DIM, USE_TMA)
+        do_src = row_source(DO + base, rows, row_stride, BLOCK_N, HEAD_DIM, USE_TMA)
         dk = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
         dv = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
         if CAUSAL:
@@ -171,8 +179,8 @@ def _dkdv_kernel(
                 dv,
                 k,
                 v,
-                Q + base,
-                DO + base,
+                q_src,
+                do_src,
                 LSE + lse_base,
                 DELTA + lse_base,
                 tile_offs,
@@ -190,6 +198,7 @@ def _dkdv_kernel(
                 True,
                 CAUSAL,
                 DOT_PRECISION,
+                USE_TMA,
             )
         for start_n in range(mid, full_end, BLOCK_N):
             dk, dv = _dkdv_block(
@@ -197,8 +206,8 @@ def _dkdv_kernel(
                 dv,
                 k,
                 v,
-                Q + base,
-                DO + base,
+                q_src,
+                do_src,
                 LSE + lse_base,
                 DELTA + lse_base,
                 tile_offs,
@@ -216,6 +225,7 @@ def _dkdv_kernel(
                 False,
                 CAUSAL,
                 DOT_PRECISION,
+                USE_TMA,
             )
         for start_n in range(tl.maximum(mid, full_end), rows, BLOCK_N):
             dk, dv = _dkdv_block(
@@ -223,8 +233,8 @@ def _dkdv_kernel(
                 dv,
                 k,
                 v,
-                Q + base,
-                DO + base,
+                q_src,
+                do_src,
                 LSE + lse_base,
                 DELTA + lse_base,
                 tile_offs,
@@ -242,6 +252,7 @@ def _dkdv_kernel(
                 True,
                 CAUSAL,
                 DOT_PRECISION,
+                USE_TMA,
             )
         dk *= scale
         if ACCUMULATE:
@@ -258,8 +269,8 @@ def _dq_block(
     do,
     lse2,
     delta,
-    k_block,
-    v_block,
+    k_src,
+    v_src,
     tile_offs,
     offs_m,
     offs_n,
@@ -273,10 +284,13 @@ def _dq_block(
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     key_rows = start_n + offs_n
     offs = start_n * row_stride + tile_offs
-    k, v = load_row_tiles(k_block, v_block, offs, key_rows, rows, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED)
+    k, v = load_row_tiles(
+        k_src, v_src, start_n, offs, key_rows, rows, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED, USE_TMA
+    )
     p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse2[:, None])
     if MASKED:
         valid = key_rows[None, :] < rows
@@ -321,6 +335,7 @@ def _dq_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     batch, head, seg, start_m = program_coords(max_rows, num_segments, num_heads, head0, BLOCK_M)
     first, rows = row_geometry(seg, head, seq_len, segment, dilation)
@@ -341,6 +356,8 @@ def _dq_kernel(
         do = tl.load(DO + base + row_offs, mask=row_mask, other=0.0)
         lse2 = tl.load(LSE + lse_offs, mask=row_valid, other=0.0) * LOG2E
         delta = tl.load(DELTA + lse_offs, mask=row_valid, other=0.0)
+        k_src = row_source(K + base, rows, row_stride, BLOCK_N, HEAD_DIM, USE_TMA)
+        v_src = row_source(V + base, rows, row_stride, BLOCK_N, HEAD_DIM, USE_TMA)
         dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
         if CAUSAL:
             hi = tl.minimum(rows, start_m + BLOCK_M)
@@ -355,8 +372,8 @@ def _dq_kernel(
                 do,
                 lse2,
                 delta,
-                K + base,
-                V + base,
+                k_src,
+                v_src,
                 tile_offs,
                 offs_m,
                 offs_n,
@@ -370,6 +387,7 @@ def _dq_kernel(
                 False,
                 CAUSAL,
                 DOT_PRECISION,
+                USE_TMA,
             )
         for start_n in range(full_hi, hi, BLOCK_N):
             dq = _dq_block(
@@ -378,8 +396,8 @@ def _dq_kernel(
                 do,
                 lse2,
                 delta,
-                K + base,
-                V + base,
+                k_src,
+                v_src,
                 tile_offs,
                 offs_m,
                 offs_n,
@@ -393,6 +411,7 @@ def _dq_kernel(
                 True,
                 CAUSAL,
                 DOT_PRECISION,
+                USE_TMA,
             )
         dq *= scale
         if ACCUMULATE:
@@ -402,13 +421,13 @@ def _dq_kernel(
 
 _dkdv_tuned = triton.autotune(
     configs=configs_for("dkdv"),
-    key=["HEAD_DIM_PAD", "CAUSAL", "tune_class"],
+    key=["HEAD_DIM_PAD", "CAUSAL", "tune_class", "USE_TMA"],
     prune_configs_by={"early_config_prune": pruner("dkdv")},
 )(_dkdv_kernel)
 
 _dq_tuned = triton.autotune(
     configs=configs_for("dq"),
-    key=["HEAD_DIM_PAD", "CAUSAL", "tune_class"],
+    key=["HEAD_DIM_PAD", "CAUSAL", "tune_class", "USE_TMA"],
     prune_configs_by={"early_config_prune": pruner("dq")},
 )(_dq_kernel)
 
@@ -460,7 +479,11 @@ def backward_launch(
     def grid(meta: dict) -> tuple[int]:
         return (b * launch.num_heads * segments * triton.cdiv(max_rows, meta["BLOCK_M"]),)
 
+    tma = use_tma(q, k, v, dout)
+    if tma:
+        install_scratch_allocator(q.device)
     common = dict(
+        USE_TMA=tma,
         HEAD_DIM=d,
         HEAD_DIM_PAD=head_dim_pad(d),
         CAUSAL=causal,

@@ -18,6 +18,7 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import statistics
 import time
 import traceback
@@ -228,10 +229,12 @@ def longest(lengths: list[int], *, grad: bool) -> list[dict[str, Any]]:
 
 
 VARIANT_TILES = ((128, 64, 8, 4), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3))
-VARIANT_FLAGS = ((), ("USE_TMA",), ("WARP_SPECIALIZE",), ("USE_TMA", "WARP_SPECIALIZE"))
+VARIANT_FLAGS = ((), ("USE_TMA",))
 
 
-def forward_variants(n: int, repeats: int = 10) -> list[dict[str, Any]]:
+def forward_variants(
+    n: int, tiles: tuple[tuple[int, int, int, int], ...] = VARIANT_TILES, repeats: int = 10
+) -> list[dict[str, Any]]:
     """The ``longnet-1m`` forward under each (flags, tile) variant, each beside a fresh ceiling run.
 
     Every variant's output is compared with the tuned kernel's (relative error), and each timing is
@@ -256,10 +259,8 @@ def forward_variants(n: int, repeats: int = 10) -> list[dict[str, Any]]:
         reference = triton_dilated_attention(q, k, v, SEGMENTS, DILATIONS)
     rows = []
     for flags in VARIANT_FLAGS:
-        for tile in VARIANT_TILES:
-            variant: dict[str, Any] = {name: True for name in flags}
-            variant["USE_TMA"] = "USE_TMA" in flags
-            variant["config"] = tile
+        for tile in tiles:
+            variant: dict[str, Any] = {"USE_TMA": "USE_TMA" in flags, "config": tile}
 
             def measure(variant: dict[str, Any] = variant) -> dict[str, Any]:
                 error = relative_error(run(variant), reference)
@@ -285,6 +286,27 @@ def forward_variants(n: int, repeats: int = 10) -> list[dict[str, Any]]:
                 f"err {record.get('error_vs_tuned', float('nan')):.2e} {record.get('error', '')[:200]}",
                 flush=True,
             )
+    # Forward + backward (tuned), with the backward's tiles read through descriptors or pointers.
+    from dilated_attn.kernels.tuning import TMA_ENV
+
+    saved = os.environ.get(TMA_ENV)
+    try:
+        for setting in ("0", "auto"):
+            os.environ[TMA_ENV] = setting
+            record = _guarded(throughput, n, "longnet", "triton", grad=True)
+            record.update(
+                {"flags": f"fwd+bwd, {TMA_ENV}={setting}", "tile": "tuned"},
+                ceiling=_guarded(ceiling, n, SDPBackend.CUDNN_ATTENTION, grad=True),
+            )
+            if record.get("status") == "ok" and record["ceiling"].get("status") == "ok":
+                record["ratio"] = record["tflops"] / record["ceiling"]["tflops"]
+            rows.append(record)
+            print(f"variant {record['flags']}: {record.get('ms')} ms ratio {record.get('ratio')}", flush=True)
+    finally:
+        if saved is None:
+            os.environ.pop(TMA_ENV, None)
+        else:
+            os.environ[TMA_ENV] = saved
     return rows
 
 
@@ -323,13 +345,19 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         action="store_true",
-        help="only time the forward under each kernel variant (tensor descriptors, warp specialisation, tiles)",
+        help="only time the forward under each kernel variant (tensor descriptors or pointer loads, tiles)",
+    )
+    parser.add_argument(
+        "--variant-tiles",
+        default=";".join(",".join(map(str, t)) for t in VARIANT_TILES),
+        help="tiles for --variants: 'BLOCK_M,BLOCK_N,warps,stages;...'",
     )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernel.py needs a CUDA device")
     if args.variants:
-        rows = forward_variants(args.n)
+        tiles = tuple(tuple(int(x) for x in t.split(",")) for t in args.variant_tiles.split(";") if t)
+        rows = forward_variants(args.n, tiles)  # type: ignore[arg-type]
         with open(args.out, "w") as fh:
             json.dump({"device": torch.cuda.get_device_name(), "variants": rows}, fh, indent=2, default=str)
         return

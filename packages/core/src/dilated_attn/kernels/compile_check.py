@@ -39,7 +39,7 @@ _MAY_BE_ONE = (
     "segment",
     "num_segments",
 )
-_FLAGS = ("USE_TMA", "WARP_SPECIALIZE")
+_FLAGS = ("USE_TMA",)
 
 
 def _signature(kernel: Any, dtype: str, constants: dict[str, Any]) -> dict[str, str]:
@@ -77,7 +77,7 @@ def compile_one(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
     )
-    # Variant switches (the forward's USE_TMA, WARP_SPECIALIZE): off unless named in ``flags``.
+    # Variant switches (the forward's USE_TMA): off unless named in ``flags``.
     constants.update({name: name in flags for name in _FLAGS if name in kernel.arg_names})
     if ones:
         constants.update({name: 1 for name in _MAY_BE_ONE})
@@ -121,11 +121,9 @@ def main() -> None:
         for tier, tiles in _FLOAT32.items():
             jobs += [(name, kernel, "fp32", tier, tile, False, ()) for tile in tiles]
         jobs.append((name, kernel, "bf16", 64, _CANDIDATES[name][64][0], True, ()))
-    for flags in (("USE_TMA",), ("WARP_SPECIALIZE",), ("USE_TMA", "WARP_SPECIALIZE")):
-        for tier in (64, 128):
+        for tier in (64, 128):  # tensor descriptors: 16-bit inputs, head sizes up to 128
             jobs += [
-                ("forward", _fwd_kernel, "bf16", tier, tile, False, flags)
-                for tile in _CANDIDATES["forward"][tier]
+                (name, kernel, "bf16", tier, tile, False, ("USE_TMA",)) for tile in _CANDIDATES[name][tier]
             ]
     print(
         "| kernel | flags | dtype | d | BLOCK_M x BLOCK_N, warps, stages | args = 1 | regs | stack | shared "

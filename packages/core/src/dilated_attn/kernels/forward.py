@@ -17,7 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
-from dilated_attn.kernels.geometry import LN2, LOG2E, load_row_tiles, program_coords, row_geometry
+from dilated_attn.kernels.geometry import (
+    LN2,
+    LOG2E,
+    load_row_tiles,
+    program_coords,
+    row_geometry,
+    row_source,
+)
 from dilated_attn.kernels.launches import Launch
 from dilated_attn.kernels.tuning import (
     configs_for,
@@ -54,14 +61,11 @@ def _fwd_block(
     USE_TMA: tl.constexpr,
 ):
     key_rows = start_n + offs_n
-    if USE_TMA:
-        # Rows past the head's last row in the segment come back as zeros (the descriptor's bounds).
-        k = k_src.load([start_n, 0])
-        v = v_src.load([start_n, 0])
-    else:
-        # The tile offsets are fixed; only the (int64) start of the block moves.
-        kv_offs = start_n * row_stride + tile_offs
-        k, v = load_row_tiles(k_src, v_src, kv_offs, key_rows, rows, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED)
+    # The tile offsets are fixed; only the (int64) start of the block moves.
+    kv_offs = start_n * row_stride + tile_offs
+    k, v = load_row_tiles(
+        k_src, v_src, start_n, kv_offs, key_rows, rows, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED, USE_TMA
+    )
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
         valid = key_rows[None, :] < rows
@@ -113,7 +117,6 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
 ):
     batch, head, seg, start_m = program_coords(max_rows, num_segments, num_heads, head0, BLOCK_M)
     first, rows = row_geometry(seg, head, seq_len, segment, dilation)
@@ -126,23 +129,9 @@ def _fwd_kernel(
         tile_offs = offs_n.to(tl.int64)[:, None] * row_stride + offs_d[None, :]
         row_offs = offs_m.to(tl.int64)[:, None] * row_stride + offs_d[None, :]
         row_mask = (offs_m[:, None] < rows) & (offs_d[None, :] < HEAD_DIM)
-        if USE_TMA:
-            # Tensor-memory-accelerator descriptors over the head's dilated rows in this segment:
-            # shape (rows, d), row stride r*h*d; bulk copies, no address arithmetic per element.
-            q_desc = tl.make_tensor_descriptor(
-                Q + base, shape=[rows, HEAD_DIM], strides=[row_stride, 1], block_shape=[BLOCK_M, HEAD_DIM]
-            )
-            k_src = tl.make_tensor_descriptor(
-                K + base, shape=[rows, HEAD_DIM], strides=[row_stride, 1], block_shape=[BLOCK_N, HEAD_DIM]
-            )
-            v_src = tl.make_tensor_descriptor(
-                V + base, shape=[rows, HEAD_DIM], strides=[row_stride, 1], block_shape=[BLOCK_N, HEAD_DIM]
-            )
-            q = q_desc.load([start_m, 0])
-        else:
-            k_src = K + base
-            v_src = V + base
-            q = tl.load(Q + base + row_offs, mask=row_mask, other=0.0)
+        k_src = row_source(K + base, rows, row_stride, BLOCK_N, HEAD_DIM, USE_TMA)
+        v_src = row_source(V + base, rows, row_stride, BLOCK_N, HEAD_DIM, USE_TMA)
+        q = tl.load(Q + base + row_offs, mask=row_mask, other=0.0)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -154,7 +143,7 @@ def _fwd_kernel(
         else:
             hi = rows
             full_hi = (rows // BLOCK_N) * BLOCK_N
-        for start_n in tl.range(0, full_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        for start_n in range(0, full_hi, BLOCK_N):
             acc, l_i, m_i = _fwd_block(
                 acc,
                 l_i,
@@ -223,7 +212,7 @@ def _fwd_kernel(
 
 _fwd_tuned = triton.autotune(
     configs=configs_for("forward"),
-    key=["HEAD_DIM_PAD", "CAUSAL", "tune_class", "USE_TMA", "WARP_SPECIALIZE"],
+    key=["HEAD_DIM_PAD", "CAUSAL", "tune_class", "USE_TMA"],
     prune_configs_by={"early_config_prune": pruner("forward")},
 )(_fwd_kernel)
 
@@ -243,18 +232,16 @@ def forward_launch(
     """Run one pattern and merge it into ``out`` ``(b, n, h, d)`` and ``lse`` ``(b, n, h)`` float32.
 
     All tensors contiguous; ``out`` has the inputs' dtype. ``variant`` (for measurements) overrides
-    ``USE_TMA`` / ``WARP_SPECIALIZE`` and, with ``config=(BLOCK_M, BLOCK_N, warps, stages)``,
-    launches that tile untuned.
+    ``USE_TMA`` and, with ``config=(BLOCK_M, BLOCK_N, warps, stages)``, launches that tile untuned.
     """
     variant = dict(variant or {})
     tma = variant.pop("USE_TMA", None)
     tma = use_tma(q, k, v) if tma is None else bool(tma)
     if tma:
         install_scratch_allocator(q.device)
-    warp_specialize = bool(variant.pop("WARP_SPECIALIZE", False))
     config = variant.pop("config", None)
     if variant:
-        raise TypeError(f"variant keys {sorted(variant)} are not known; use USE_TMA, WARP_SPECIALIZE, config")
+        raise TypeError(f"variant keys {sorted(variant)} are not known; use USE_TMA, config")
     b, n, h, d = q.shape
     max_rows = launch.max_rows()
     segments = launch.num_segments(n)
@@ -294,6 +281,5 @@ def forward_launch(
         ACCUMULATE=launch.accumulate,
         DOT_PRECISION=dot_precision(q.dtype),
         USE_TMA=tma,
-        WARP_SPECIALIZE=warp_specialize,
         **launch_options,
     )

@@ -39,9 +39,23 @@ def row_geometry(seg, head, seq_len, segment, dilation):
 
 
 @triton.jit
+def row_source(ptr, rows, row_stride, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr):
+    """Where a loop reads a head's dilated rows from: ``ptr`` itself, or with ``USE_TMA`` a tensor
+    descriptor over them (shape ``(rows, HEAD_DIM)``, row stride ``r*h*d``; bulk copies by the tensor
+    memory accelerator on Hopper, rows past ``rows`` read as zeros)."""
+    if USE_TMA:
+        return tl.make_tensor_descriptor(
+            ptr, shape=[rows, HEAD_DIM], strides=[row_stride, 1], block_shape=[BLOCK, HEAD_DIM]
+        )
+    else:
+        return ptr
+
+
+@triton.jit
 def load_row_tiles(
-    a_block,
-    b_block,
+    a_src,
+    b_src,
+    start,
     offs,
     tile_rows,
     rows,
@@ -49,19 +63,24 @@ def load_row_tiles(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     MASKED: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
-    """Two ``(BLOCK, HEAD_DIM_PAD)`` tiles at the same row offsets (K and V, or Q and dO).
+    """Two ``(BLOCK, HEAD_DIM_PAD)`` tiles of the same rows (K and V, or Q and dO), from row ``start``.
 
-    Masks only where needed: rows past ``rows`` when ``MASKED``, padded columns when the head size
-    is not a power of two; the unmasked path keeps the loads vectorised.
+    ``a_src``/``b_src`` come from ``row_source``. Pointer loads use ``offs`` (the tile's element
+    offsets) and mask only where needed: rows past ``rows`` when ``MASKED``, padded columns when the
+    head size is not a power of two; the unmasked path keeps the loads vectorised.
     """
-    if MASKED or HEAD_DIM != HEAD_DIM_PAD:
+    if USE_TMA:
+        a = a_src.load([start, 0])
+        b = b_src.load([start, 0])
+    elif MASKED or HEAD_DIM != HEAD_DIM_PAD:
         mask = offs_d[None, :] < HEAD_DIM
         if MASKED:
             mask = mask & (tile_rows[:, None] < rows)
-        a = tl.load(a_block + offs, mask=mask, other=0.0)
-        b = tl.load(b_block + offs, mask=mask, other=0.0)
+        a = tl.load(a_src + offs, mask=mask, other=0.0)
+        b = tl.load(b_src + offs, mask=mask, other=0.0)
     else:
-        a = tl.load(a_block + offs)
-        b = tl.load(b_block + offs)
+        a = tl.load(a_src + offs)
+        b = tl.load(b_src + offs)
     return a, b
