@@ -115,7 +115,16 @@ def stubtest(session: nox.Session) -> None:
     """mypy.stubtest: the hand-written .pyi of the compiled pool module matches the binary."""
     session.install("mypy>=1.10", CORE)
     _install_pool(session)
-    session.run("python", "-m", "mypy.stubtest", "dilated_attn_pool._pool_rs")
+    # The wheel just built and installed is what is checked: a PYTHONPATH or MYPYPATH inherited from
+    # the shell (e.g. one naming packages/pool-rs/python) would put the source tree's stub, and
+    # whatever binary sits there, ahead of it.
+    session.run(
+        "python",
+        "-m",
+        "mypy.stubtest",
+        "dilated_attn_pool._pool_rs",
+        env={"PYTHONPATH": None, "MYPYPATH": None},
+    )
 
 
 @nox.session(python=PYTHON)

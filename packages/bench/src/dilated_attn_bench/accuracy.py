@@ -73,14 +73,14 @@ def measure_accuracy(
     )
     out, grads = impl.evaluate(q, k, v, dout if backward else None, small, world)
 
-    leaves = [x.detach().double().requires_grad_(backward) for x in (q, k, v)]
+    q64, k64, v64 = (x.detach().double().requires_grad_(backward) for x in (q, k, v))
     with torch.set_grad_enabled(backward):
         ref = dilated_attention_reference(
-            *leaves, small.segment_lengths, small.dilation_rates, mode=small.mode, causal=small.causal
+            q64, k64, v64, small.segment_lengths, small.dilation_rates, mode=small.mode, causal=small.causal
         )
         forward_error = _relative(out, ref.detach())
         if grads is None:
             return Accuracy(small.seq_len, forward_error, None)
-        ref_grads = torch.autograd.grad(ref, leaves, dout.double())
+        ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
     grad_error = max(_relative(g, r) for g, r in zip(grads, ref_grads, strict=True))
     return Accuracy(small.seq_len, forward_error, grad_error)

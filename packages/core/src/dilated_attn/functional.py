@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
@@ -88,6 +88,60 @@ class _DilatedAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
+@overload
+def sdpa_dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int] | DilationPattern,
+    dilation_rates: Sequence[int] | None = None,
+    *,
+    mode: str = "longnet",
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_lse: Literal[False] = False,
+    key_padding_mask: torch.Tensor | None = None,
+    pool: Any = None,
+) -> torch.Tensor: ...
+
+
+@overload
+def sdpa_dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int] | DilationPattern,
+    dilation_rates: Sequence[int] | None = None,
+    *,
+    mode: str = "longnet",
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_lse: Literal[True],
+    key_padding_mask: torch.Tensor | None = None,
+    pool: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def sdpa_dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int] | DilationPattern,
+    dilation_rates: Sequence[int] | None = None,
+    *,
+    mode: str = "longnet",
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    pool: Any = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
+
+
 def sdpa_dilated_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -110,6 +164,57 @@ def sdpa_dilated_attention(
     jobs = jobs_for(pattern, n, h, mode)
     out, lse = _DilatedAttention.apply(q, k, v, jobs, causal, scale, dropout_p, key_padding_mask, pool)
     return (out, lse) if return_lse else out
+
+
+@overload
+def reference_dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int] | DilationPattern,
+    dilation_rates: Sequence[int] | None = None,
+    *,
+    mode: str = "longnet",
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_lse: Literal[False] = False,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor: ...
+
+
+@overload
+def reference_dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int] | DilationPattern,
+    dilation_rates: Sequence[int] | None = None,
+    *,
+    mode: str = "longnet",
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_lse: Literal[True],
+    key_padding_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def reference_dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int] | DilationPattern,
+    dilation_rates: Sequence[int] | None = None,
+    *,
+    mode: str = "longnet",
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def reference_dilated_attention(
@@ -145,6 +250,66 @@ def reference_dilated_attention(
     if not return_lse:
         return out
     return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
+@overload
+def dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int] | DilationPattern,
+    dilation_rates: Sequence[int] | None = None,
+    *,
+    mode: str = "longnet",
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_lse: Literal[False] = False,
+    backend: str = "auto",
+    key_padding_mask: torch.Tensor | None = None,
+    pool: Any = None,
+    **backend_kwargs: Any,
+) -> torch.Tensor: ...
+
+
+@overload
+def dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int] | DilationPattern,
+    dilation_rates: Sequence[int] | None = None,
+    *,
+    mode: str = "longnet",
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_lse: Literal[True],
+    backend: str = "auto",
+    key_padding_mask: torch.Tensor | None = None,
+    pool: Any = None,
+    **backend_kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int] | DilationPattern,
+    dilation_rates: Sequence[int] | None = None,
+    *,
+    mode: str = "longnet",
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+    backend: str = "auto",
+    key_padding_mask: torch.Tensor | None = None,
+    pool: Any = None,
+    **backend_kwargs: Any,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def dilated_attention(

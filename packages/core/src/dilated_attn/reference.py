@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Literal, overload
 
 import torch
 
@@ -53,6 +54,54 @@ def multiplicity(
                 allowed &= pos[None, :] <= pos[:, None]
             c[j] += allowed.to(torch.float64)
     return c
+
+
+@overload
+def dilated_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int] | DilationPattern,
+    dilation_rates: Sequence[int] | None = None,
+    *,
+    mode: str = "longnet",
+    causal: bool = False,
+    scale: float | None = None,
+    return_lse: Literal[False] = False,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor: ...
+
+
+@overload
+def dilated_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int] | DilationPattern,
+    dilation_rates: Sequence[int] | None = None,
+    *,
+    mode: str = "longnet",
+    causal: bool = False,
+    scale: float | None = None,
+    return_lse: Literal[True],
+    key_padding_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def dilated_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int] | DilationPattern,
+    dilation_rates: Sequence[int] | None = None,
+    *,
+    mode: str = "longnet",
+    causal: bool = False,
+    scale: float | None = None,
+    return_lse: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def dilated_attention_reference(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any, Literal, cast, overload
 
 import torch
 from dilated_attn.block_attention import compute_dtype
@@ -114,6 +114,51 @@ class _EagerBlockSparse(torch.autograd.Function):
             None,
             None,
         )
+
+
+@overload
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: SparsePattern,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    block_size: int = 128,
+    return_lse: Literal[False] = False,
+    kernel_options: Mapping[str, Any] | None = None,
+) -> torch.Tensor: ...
+
+
+@overload
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: SparsePattern,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    block_size: int = 128,
+    return_lse: Literal[True],
+    kernel_options: Mapping[str, Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: SparsePattern,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    block_size: int = 128,
+    return_lse: bool = False,
+    kernel_options: Mapping[str, Any] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def block_sparse_attention(

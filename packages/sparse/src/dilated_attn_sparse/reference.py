@@ -5,6 +5,8 @@ O(h n^2) time and memory: for tests and small checks only.
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch
 from dilated_attn.validation import check_qkv, check_scale
 from torch.nn.attention.flex_attention import create_mask
@@ -23,6 +25,42 @@ def dense_mask(pattern: SparsePattern, seq_len: int, num_heads: int, *, causal: 
     if causal:
         allowed = allowed & create_mask(causal_mask, 1, 1, seq_len, seq_len, device)[0]
     return allowed
+
+
+@overload
+def masked_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor,
+    *,
+    scale: float | None = None,
+    return_lse: Literal[False] = False,
+) -> torch.Tensor: ...
+
+
+@overload
+def masked_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor,
+    *,
+    scale: float | None = None,
+    return_lse: Literal[True],
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def masked_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor,
+    *,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def masked_attention_reference(
