@@ -114,7 +114,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
     args = parser.parse_args()
-    jobs = []
+    jobs: list[tuple[str, Any, str, int, tuple[int, int, int, int], bool, tuple[str, ...]]] = []
     for name, kernel in KERNELS.items():
         for tier, tiles in _CANDIDATES[name].items():
             jobs += [(name, kernel, "bf16", tier, tile, False, ()) for tile in tiles]

@@ -9,7 +9,7 @@ causal flag: make that call before capturing a graph.
 # No `from __future__ import annotations`: torch.library reads the real annotations to infer schemas.
 import contextlib
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Literal, Optional, overload
 
 import torch
 
@@ -137,6 +137,57 @@ def _check_inputs(q: torch.Tensor, dropout_p: float, backend_kwargs: dict) -> No
             f"q.device={q.device} is not supported by backend='triton'; it needs CUDA tensors "
             "(or TRITON_INTERPRET=1 to run the kernels on the CPU interpreter)"
         )
+
+
+@overload
+def triton_dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int] | DilationPattern,
+    dilation_rates: Sequence[int] | None = None,
+    *,
+    mode: str = "longnet",
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_lse: Literal[False] = False,
+    **backend_kwargs: Any,
+) -> torch.Tensor: ...
+
+
+@overload
+def triton_dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int] | DilationPattern,
+    dilation_rates: Sequence[int] | None = None,
+    *,
+    mode: str = "longnet",
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_lse: Literal[True],
+    **backend_kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def triton_dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int] | DilationPattern,
+    dilation_rates: Sequence[int] | None = None,
+    *,
+    mode: str = "longnet",
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+    **backend_kwargs: Any,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def triton_dilated_attention(

@@ -65,17 +65,18 @@ _INTERPRET_CONFIG = (32, 16, 4, 1)
 _INTERPRETING = os.environ.get(INTERPRET_ENV, "0") not in ("", "0")
 
 
-def use_tma(*tensors: torch.Tensor) -> bool:
-    """Whether the forward reads its tiles through tensor descriptors (bulk TMA copies on Hopper).
+def use_tma(*tensors: torch.Tensor, explicit_only: bool = False) -> bool:
+    """Whether a kernel reads its tiles through tensor descriptors (bulk TMA copies on Hopper).
 
     ``DILATED_ATTN_TRITON_TMA``: ``auto`` (default: on for 16-bit inputs on sm_90+ whose head size
     is 16..128 and a power of two, with 16-byte aligned data), ``1`` (wherever eligible, the
-    interpreter included), ``0`` (never: strided pointer loads).
+    interpreter included), ``0`` (never: strided pointer loads). ``explicit_only``: ``auto`` means
+    off (the backward, where descriptors measured no faster).
     """
     setting = os.environ.get(TMA_ENV, "auto").strip().lower()
     if setting not in ("auto", "0", "1"):
         raise ValueError(f"{TMA_ENV}={setting!r} must be one of 'auto', '0', '1'")
-    if setting == "0":
+    if setting == "0" or (setting == "auto" and explicit_only):
         return False
     first = tensors[0]
     eligible = (
