@@ -322,7 +322,7 @@ def run_candidate(
     save: Callable[[], None],
 ) -> None:
     """Times the candidate into ``record`` (saved after each timing); errors are recorded, not raised."""
-    options = cand.options or {}
+    options = record["options"] or {}  # a combined candidate is resolved into the record
     errors: dict[str, float] = {}
     try:
         for timing in GROUP_TIMINGS[cand.group]:

@@ -35,7 +35,9 @@ from dilated_attn_sparse import (
     local_window,
     random_blocks,
 )
+from dilated_attn_sparse.cache import block_masks
 from dilated_attn_sparse.reference import dense_mask, masked_attention_reference
+from dilated_attn_sparse.tuning import default_kernel_options, neighbour_share
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 TARGET = 1.3
@@ -290,11 +292,16 @@ def sparse_timing(
     fwd = measure(forward, device, args.budget)
     bwd = measure(step, device, args.budget)
     flops = stats.flops(d)
+    # The options the kernels ran with: the caller's, or the package's defaults for this mask.
+    mask = block_masks.get(pattern, n, h, block_size=args.block_size, device=device)
+    options = args.kernel_options or default_kernel_options(mask, q, args.block_size)
     row: dict[str, Any] = {
         "kind": kind,
         "target_density": density,
         "params": params,
         "pattern": repr(pattern),
+        "kernel_options": options,
+        "neighbour_share": neighbour_share(mask),
         "density": stats.density,
         "pair_density": stats.pair_density,
         "useful_flops_fwd": flops,
@@ -310,18 +317,24 @@ def sparse_timing(
     return row
 
 
+def _options_label(options: dict[str, Any] | None) -> str:
+    if not options:
+        return "FlexAttention's"
+    return ", ".join(f"{key}={val}" for key, val in options.items())
+
+
 def table(rows: list[dict[str, Any]], reference: str) -> str:
     head = (
         f"| pattern | block density | fwd ms | fwd / ({reference} x density) | fwd+bwd ms "
-        f"| fwd+bwd / ({reference} x density) | useful TFLOP/s fwd, fwd+bwd |"
+        f"| fwd+bwd / ({reference} x density) | useful TFLOP/s fwd, fwd+bwd | kernel options |"
     )
-    lines = [head, "|---|---|---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         params = ", ".join(f"{key}={val}" for key, val in r["params"].items())
         lines.append(
             f"| {r['kind']}({params}) | {r['density']:.2%} | {r['fwd']['ms']:.2f} | {r.get('fwd_ratio', math.nan):.2f} "
             f"| {r['fwdbwd']['ms']:.2f} | {r.get('fwdbwd_ratio', math.nan):.2f} "
-            f"| {r['fwd_tflops']:.1f}, {r['fwdbwd_tflops']:.1f} |"
+            f"| {r['fwd_tflops']:.1f}, {r['fwdbwd_tflops']:.1f} | {_options_label(r.get('kernel_options'))} |"
         )
     return "\n".join(lines)
 

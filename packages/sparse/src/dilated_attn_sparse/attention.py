@@ -27,6 +27,7 @@ from torch.nn.attention.flex_attention import (
 from dilated_attn_sparse.cache import block_masks
 from dilated_attn_sparse.compiled import compiled
 from dilated_attn_sparse.patterns import SparsePattern
+from dilated_attn_sparse.tuning import default_kernel_options
 from dilated_attn_sparse.validation import check_block_size
 
 _CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -184,7 +185,9 @@ def block_sparse_attention(
             are skipped.
         return_lse: also return the natural-log log-sum-exp ``(b, n, h)`` float32.
         kernel_options: FlexAttention's kernel tuning (``FlexKernelOptions``, e.g.
-            ``{"BLOCK_M": 128, "BLOCK_N": 64}``); used by the compiled CUDA kernels.
+            ``{"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64}``); used by the compiled CUDA kernels. When
+            omitted, Hopper GPUs get the tiles measured fastest there
+            (:func:`.tuning.default_kernel_options`); given options replace those entirely.
 
     Returns:
         ``out`` ``(b, n, h, d)`` in the input dtype (rows allowing no key give 0, and ``lse = -inf``),
@@ -206,7 +209,8 @@ def block_sparse_attention(
         raise TypeError(f"q.dtype={q.dtype} must be one of {_CUDA_DTYPES} on CUDA")
     block_mask = block_masks.get(pattern, n, h, block_size=block_size, causal=causal, device=device)
     if device.type == "cuda":
-        options = cast(FlexKernelOptions, dict(kernel_options)) if kernel_options else None
+        chosen = dict(kernel_options) if kernel_options else default_kernel_options(block_mask, q, block_size)
+        options = cast(FlexKernelOptions, chosen) if chosen else None
         key = (
             "flex",
             tuple(q.shape),
