@@ -65,3 +65,25 @@ def test_no_defaults_outside_what_was_measured(monkeypatch, capability, dtype, h
 def test_no_defaults_on_cpu():
     mask = _mask(local_window(300))
     assert default_kernel_options(mask, torch.empty(1, N, HEADS, 64), BLOCK) is None
+
+
+def _share_from_dense(mask):
+    dense = mask.to_dense().bool()
+    shared = computed = 0
+    for rows in dense.flatten(0, 1):
+        active = rows[rows.any(dim=1)]
+        shared += int((active[:-1] & active[1:]).sum())
+        computed += int(active[:-1].sum())
+    return shared / computed
+
+
+@pytest.mark.parametrize("rows", [1, 3, 1024])
+def test_neighbour_share_in_slabs_matches_the_dense_mask(monkeypatch, rows):
+    from dilated_attn_sparse import tuning
+
+    monkeypatch.setattr(tuning, "_ROWS", rows)
+    # Per-head dilated blocks leave empty query blocks, also across slab edges; the union mixes
+    # full and partial blocks.
+    for pattern in (dilated_blocks(6, 3, BLOCK), local_window(150) | random_blocks(0.1, 1, BLOCK)):
+        mask = BlockMaskCache().get(pattern, 1000, HEADS, block_size=BLOCK)
+        assert neighbour_share(mask) == pytest.approx(_share_from_dense(mask))

@@ -30,6 +30,8 @@ from torch.nn.attention.flex_attention import BlockMask
 # Below this share of a query block's key blocks that the next query block also computes, the
 # pattern counts as scattered (random_blocks at density p shares about p).
 SCATTERED_BELOW = 0.5
+# Query-block rows densified at a time by neighbour_share.
+_ROWS = 1024
 
 # Measured on sm_90 with 16-bit inputs, head size <= 64 and 128-token blocks (see above); the
 # tiles divide 128, so they need blocks that are multiples of 128.
@@ -61,17 +63,47 @@ def neighbour_share(block_mask: BlockMask) -> float:
         found = _shares.get(block_mask)
     if found is not None:
         return found
-    dense = block_mask.to_dense().bool()  # (B, H, query blocks, key blocks), partial and full
+    # The mask stores (query blocks x key blocks) indices already; densify a slab of rows at a time
+    # so that this check never holds more than ``_ROWS`` rows of one head beyond them.
+    batch, heads, num_rows = block_mask.kv_num_blocks.shape
     shared = computed = 0
-    for rows in dense.flatten(0, 1):
-        active = rows[rows.any(dim=1)]
-        here, after = active[:-1], active[1:]
-        shared += int((here & after).sum())
-        computed += int(here.sum())
+    for b in range(batch):
+        for h in range(heads):
+            previous = None
+            for start in range(0, num_rows, _ROWS):
+                rows = _computed_rows(block_mask, b, h, slice(start, start + _ROWS))
+                active = rows[rows.any(dim=1)]
+                if previous is not None and len(active):
+                    active = torch.cat([previous, active])
+                if len(active):
+                    here, after = active[:-1], active[1:]
+                    shared += int((here & after).sum())
+                    computed += int(here.sum())
+                    previous = active[-1:]
     share = shared / computed if computed else 1.0
     with _lock:
         _shares[block_mask] = share
     return share
+
+
+def _computed_rows(block_mask: BlockMask, b: int, h: int, rows: slice) -> torch.Tensor:
+    """``(len(rows), key blocks)`` bool: the key blocks each query block in ``rows`` computes."""
+    num_cols = block_mask.kv_indices.shape[-1]
+    dense: torch.Tensor | None = None
+    for counts, indices in (
+        (block_mask.kv_num_blocks, block_mask.kv_indices),
+        (block_mask.full_kv_num_blocks, block_mask.full_kv_indices),
+    ):
+        if counts is None or indices is None:
+            continue
+        idx = indices[b, h, rows].long()
+        valid = torch.arange(idx.shape[-1], device=idx.device) < counts[b, h, rows, None]
+        # Invalid slots go to an extra column that is dropped.
+        slab = torch.zeros(idx.shape[0], num_cols + 1, dtype=torch.bool, device=idx.device)
+        slab.scatter_(1, torch.where(valid, idx, num_cols), True)
+        dense = slab[:, :num_cols] if dense is None else dense | slab[:, :num_cols]
+    assert dense is not None
+    return dense
 
 
 def default_kernel_options(block_mask: BlockMask, q: torch.Tensor, block_size: int) -> dict[str, Any] | None:
