@@ -7,6 +7,7 @@ and refuses to load when they differ, so the two ledgers cannot drift apart.
 
 from __future__ import annotations
 
+import operator
 import threading
 from collections import OrderedDict, deque
 
@@ -61,32 +62,47 @@ def round_bytes(nbytes: int) -> int:
 def check_int(op: str, name: str, value: object, limit: int = U64_LIMIT) -> int:
     """``value`` as an unsigned integer below ``limit`` (``2**64`` or ``2**32``), or why not.
 
-    The classes are the boundary's contract, the same in the Rust ledger: a non-int (or a bool) is a
-    ``TypeError``, a negative int a ``ValueError``, one that does not fit ``limit`` an ``OverflowError``.
+    An int or any object with ``__index__`` (a numpy integer) other than a bool is accepted. The
+    classes are the boundary's contract, the same in the Rust ledger: a non-int is a ``TypeError``,
+    a negative int a ``ValueError``, one that does not fit ``limit`` an ``OverflowError``.
     """
     if type(value) is int and 0 <= value < limit:
         return value
-    if isinstance(value, bool) or not isinstance(value, int):
+    index = _index(value)
+    if index is None:
         raise TypeError(f"{op}: {name}={value!r} must be an int (got {type(value).__name__})")
-    if value < 0:
+    if index < 0:
         raise ValueError(f"{op}: {name}={value} must be >= 0")
-    bits = limit.bit_length() - 1
-    raise OverflowError(
-        f"{op}: {name}={value} does not fit an unsigned {bits}-bit integer (must be < 2**{bits})"
-    )
+    if index >= limit:
+        bits = limit.bit_length() - 1
+        raise OverflowError(
+            f"{op}: {name}={value} does not fit an unsigned {bits}-bit integer (must be < 2**{bits})"
+        )
+    return index
+
+
+def _index(value: object) -> int | None:
+    """``operator.index(value)`` for anything but a bool, else ``None``."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def check_budget(budget_bytes: object) -> int | None:
     """``budget_bytes`` as a pool takes it: ``None`` (unbounded) or an int in ``[0, 2**62)``."""
     if budget_bytes is None:
         return None
-    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int):
+    index = _index(budget_bytes)
+    if index is None:
         raise TypeError(
             f"budget_bytes={budget_bytes!r} must be an int or None (got {type(budget_bytes).__name__})"
         )
-    if not 0 <= budget_bytes < MAX_REQUEST_BYTES:
+    if not 0 <= index < MAX_REQUEST_BYTES:
         raise ValueError(f"budget_bytes={budget_bytes} must be >= 0 and < 2**62 (or None: unbounded)")
-    return budget_bytes
+    return index
 
 
 def check_event_capacity(event_capacity: object) -> int:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import ClassVar, NamedTuple
 
 import torch
 
+from dilated_attn.pool.cache_ledger import CacheLedger, PythonCacheLedger
 from dilated_attn.pool.ledger import (
     EVENT_KINDS,
     MAX_REQUEST_BYTES,
@@ -65,7 +66,13 @@ def _view(place: _Place, storage: torch.UntypedStorage, dims: tuple[int, ...]) -
 
 
 class LedgerPool:
-    """A ``BufferPool`` over a ``PoolLedger``: it owns the storages and makes the tensor views."""
+    """A ``BufferPool`` over a ``PoolLedger``: it owns the storages and makes the tensor views.
+
+    ``cache_ledger`` makes the ledger ``dilated_attn.cache`` keeps its books with when this is the
+    default pool: the bookkeeping of one package (pure Python here, Rust in dilated-attn-pool).
+    """
+
+    cache_ledger: ClassVar[Callable[[int], CacheLedger]] = PythonCacheLedger
 
     def __init__(self, ledger: PoolLedger) -> None:
         self._ledger = ledger
