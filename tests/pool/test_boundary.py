@@ -139,7 +139,9 @@ def test_reserved_bytes_stop_at_the_limit_on_meta(kind) -> None:
             refused += 1
     stats = pool.stats()
     assert (len(leases), refused) == (2, 3)
-    assert stats["reserved_bytes"] == stats["in_use_bytes"] == stats["peak_reserved_bytes"] == MAX_RESERVED_BYTES
+    assert (
+        stats["reserved_bytes"] == stats["in_use_bytes"] == stats["peak_reserved_bytes"] == MAX_RESERVED_BYTES
+    )
     assert stats["misses"] == 2 and stats["requested_bytes"] == 2 * (MAX_REQUEST_BYTES - 1)
     for lease in leases:
         lease.release()
@@ -159,7 +161,9 @@ def test_a_failed_huge_allocation_rolls_the_ledger_back(kind, nbytes) -> None:
         pool.acquire((nbytes,), torch.uint8, "cpu")
     after = pool.stats()
     assert (after["peak_reserved_bytes"], after["peak_in_use_bytes"]) == (1024, 1024)
-    assert {k: v for k, v in after.items() if k != "misses"} == {k: v for k, v in before.items() if k != "misses"}
+    assert {k: v for k, v in after.items() if k != "misses"} == {
+        k: v for k, v in before.items() if k != "misses"
+    }
     assert after["misses"] == before["misses"] + 1
     assert [e.kind for e in pool.events()][-1] == "abandon"
     kept.release()

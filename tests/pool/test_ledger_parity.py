@@ -15,7 +15,9 @@ pool_rs = pytest.importorskip("dilated_attn_pool._pool_rs")
 NBYTES = st.one_of(
     st.integers(0, 2048),
     # Two requests of MAX_REQUEST_BYTES - 1 reach the reserved-bytes limit: a third miss is refused.
-    st.sampled_from([1 << 20, (1 << 20) + 1, 3 << 20, (5 << 20) + 1, MAX_REQUEST_BYTES - 1, MAX_REQUEST_BYTES]),
+    st.sampled_from(
+        [1 << 20, (1 << 20) + 1, 3 << 20, (5 << 20) + 1, MAX_REQUEST_BYTES - 1, MAX_REQUEST_BYTES]
+    ),
 )
 OPS = st.one_of(
     st.tuples(st.just("acquire"), st.integers(0, 1), st.integers(0, 1), NBYTES),
