@@ -53,13 +53,13 @@ def _cases() -> list[tuple[str, tuple[Any, ...], type[BaseException], str]]:
             for op in ("release", "pin", "unpin", "abandon"):
                 cases.append((op, (value, 0), OverflowError, rf"{op}: buffer_id=\d+ does not fit"))
                 cases.append((op, ("L", value), OverflowError, rf"{op}: serial=\d+ does not fit"))
-    for value in (1.5, "3", None, True):
-        pattern = rf"={value!r} must be an int".replace("(", r"\(").replace(".", r"\.")
+    for not_int in (1.5, "3", None, True):
+        pattern = rf"={not_int!r} must be an int".replace("(", r"\(").replace(".", r"\.")
         cases += [
-            ("acquire", (0, 0, value), TypeError, pattern),
-            ("acquire", (value, 0, 1), TypeError, pattern),
-            ("trim", (value,), TypeError, pattern),
-            ("release", ("L", value), TypeError, pattern),
+            ("acquire", (0, 0, not_int), TypeError, pattern),
+            ("acquire", (not_int, 0, 1), TypeError, pattern),
+            ("trim", (not_int,), TypeError, pattern),
+            ("release", ("L", not_int), TypeError, pattern),
         ]
     cases.append(("new", (None, 2**20 + 1), ValueError, r"event_capacity=1048577 must be <= 1048576"))
     return cases

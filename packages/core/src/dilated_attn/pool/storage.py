@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -72,7 +72,7 @@ class LedgerPool:
     default pool: the bookkeeping of one package (pure Python here, Rust in dilated-attn-pool).
     """
 
-    cache_ledger: ClassVar[Callable[[int], CacheLedger]] = PythonCacheLedger
+    cache_ledger: ClassVar[type[CacheLedger]] = PythonCacheLedger
 
     def __init__(self, ledger: PoolLedger) -> None:
         self._ledger = ledger
