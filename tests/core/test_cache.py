@@ -209,6 +209,14 @@ def test_process_cache_api_and_cli(monkeypatch, capsys) -> None:
     assert "test.cli" in table and f"ledger={expected_ledger}" in table and "budget_bytes=524288" in table
 
 
+def test_cli_reports_a_bad_budget_in_one_line(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(cache_module, "_cache", None)
+    monkeypatch.setenv("DILATED_ATTN_CACHE_BYTES", "64MB")
+    assert main(["cache"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "DILATED_ATTN_CACHE_BYTES='64MB' must be a whole number" in err
+
+
 def _has_rust() -> bool:
     try:
         import dilated_attn_pool  # noqa: F401

@@ -60,7 +60,11 @@ def _cache(as_json: bool) -> int:
     from dilated_attn.cache import REGION_STATS_KEYS, cache_stats
 
     get_registry()  # plugins loaded, so the cache's ledger is the one the library would use
-    stats = cache_stats()
+    try:
+        stats = cache_stats()
+    except ValueError as exc:  # a bad DILATED_ATTN_CACHE_BYTES: one line, not a traceback
+        print(f"python -m dilated_attn cache: error: {exc}", file=sys.stderr)
+        return 2
     if as_json:
         print(json.dumps(stats, indent=2))
         return 0
