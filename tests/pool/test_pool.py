@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dilated_attn import pool as pool_module
 from dilated_attn.pool import STATS_KEYS, BufferPool, Lease, PoolBudgetError, PythonBufferPool
+from dilated_attn.pool import storage as pool_module
 
 F32 = torch.float32
 

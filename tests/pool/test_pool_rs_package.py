@@ -14,6 +14,7 @@ from dilated_attn.registry import Registry
 dilated_attn_pool = pytest.importorskip("dilated_attn_pool")
 
 from dilated_attn_pool import _pool_rs, plugin  # noqa: E402
+from dilated_attn_pool._shared import check_shared  # noqa: E402
 from dilated_attn_pool._version import check_compiled  # noqa: E402
 
 
@@ -72,3 +73,40 @@ def test_typing_files_ship_with_the_package() -> None:
     package = Path(dilated_attn_pool.__file__).parent
     assert (package / "py.typed").is_file()
     assert (package / "_pool_rs.pyi").is_file()
+
+
+def test_compiled_module_shares_core_constants_and_refusal_texts() -> None:
+    from dilated_attn.pool import ledger
+
+    assert list(_pool_rs.EVENT_KINDS) == list(ledger.EVENT_KINDS)
+    assert [tuple(s) for s in _pool_rs.REFUSAL_SAMPLES] == list(ledger.REFUSAL_SAMPLES)
+    check_shared(_pool_rs, dilated_attn_pool.__version__)
+
+
+@pytest.mark.parametrize(
+    ("module", "name", "value"),
+    [
+        ("ledger", "STATS_KEYS", (*STATS_KEYS[:-1], "num_idle")),
+        ("ledger", "EVENT_KINDS", ("alloc", "reuse", "release", "pin", "unpin", "evict", "drop")),
+        ("ledger", "ROUNDUP_DIVISIONS", 8),
+        ("ledger", "MAX_RESERVED_BYTES", 1 << 62),
+        ("ledger", "REFUSAL_SAMPLES", (("release", "unknown", "release: no such buffer 7"),)),
+        ("cache_ledger", "CACHE_STATS_KEYS", ("entries", "bytes")),
+    ],
+)
+def test_a_drifted_constant_stops_the_import(monkeypatch, module, name, value) -> None:
+    """Core changes one shared constant: importing dilated_attn_pool raises ImportError naming it."""
+    import importlib
+
+    import dilated_attn.pool
+
+    monkeypatch.setattr(getattr(dilated_attn.pool, module), name, value)
+    with pytest.raises(ImportError, match=rf"disagrees with dilated-attn-core on {name} \({name}: compiled"):
+        check_shared(_pool_rs, "0.1.0")
+    try:
+        with pytest.raises(ImportError, match=rf"on {name} .*same release, or rebuild"):
+            importlib.reload(dilated_attn_pool)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(dilated_attn_pool)
+    assert dilated_attn_pool.RustBufferPool.cache_ledger is _pool_rs.CacheLedger

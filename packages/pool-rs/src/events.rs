@@ -2,7 +2,17 @@
 
 use std::collections::VecDeque;
 
-/// What happened to a buffer. The codes are the indices of `dilated_attn.pool.EVENT_KINDS`.
+/// The event kinds' names, by code (`EventKind as usize`); `dilated_attn.pool.ledger.EVENT_KINDS`
+/// must list the same names in the same order (checked when `dilated_attn_pool` is imported).
+pub const EVENT_KINDS: [&str; 7] = [
+    "alloc", "reuse", "release", "pin", "unpin", "evict", "abandon",
+];
+/// The capacity of a ledger's event ring unless its caller picks another.
+pub const DEFAULT_EVENT_CAPACITY: usize = 1024;
+/// The largest event ring the Python module accepts: the history is for snapshots, not a log.
+pub const MAX_EVENT_CAPACITY: usize = 1 << 20;
+
+/// What happened to a buffer. The codes are the indices of `EVENT_KINDS`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum EventKind {
@@ -27,7 +37,8 @@ pub struct Event {
     pub requested_bytes: u64,
 }
 
-/// The last `capacity` events, oldest first; older ones are dropped.
+/// The last `capacity` events, oldest first; older ones are dropped. The ring grows as events
+/// arrive, so a large capacity costs memory only once that many events happened.
 #[derive(Debug)]
 pub struct EventRing {
     events: VecDeque<Event>,
@@ -38,7 +49,7 @@ pub struct EventRing {
 impl EventRing {
     pub fn new(capacity: usize) -> Self {
         EventRing {
-            events: VecDeque::with_capacity(capacity),
+            events: VecDeque::with_capacity(capacity.min(DEFAULT_EVENT_CAPACITY)),
             capacity,
             recorded: 0,
         }
@@ -88,6 +99,19 @@ mod tests {
         let ids: Vec<u64> = ring.iter().map(|e| e.buffer_id).collect();
         assert_eq!(ids, vec![3, 4]);
         assert_eq!(ring.recorded(), 5);
+    }
+
+    #[test]
+    fn a_huge_capacity_allocates_nothing_up_front() {
+        let mut ring = EventRing::new(usize::MAX);
+        ring.push(event(1));
+        assert_eq!(ring.iter().count(), 1);
+    }
+
+    #[test]
+    fn kind_names_follow_the_codes() {
+        assert_eq!(EVENT_KINDS[EventKind::Alloc as usize], "alloc");
+        assert_eq!(EVENT_KINDS[EventKind::Abandon as usize], "abandon");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::fmt;
 
 use crate::events::{Event, EventKind, EventRing};
 use crate::hashing::IdBuildHasher;
-use crate::rounding::{round_bytes, MAX_REQUEST_BYTES};
+use crate::rounding::{round_bytes, MAX_REQUEST_BYTES, MAX_RESERVED_BYTES};
 
 /// Buffers of one bucket are interchangeable: same device, same dtype, same rounded size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -56,6 +56,12 @@ pub enum Refusal {
     TooLarge {
         nbytes: u64,
     },
+    /// A miss whose new buffer would take the reserved bytes above `MAX_RESERVED_BYTES`.
+    OverReserve {
+        nbytes: u64,
+        rounded: u64,
+        reserved: u64,
+    },
     /// The buffer is not in this ledger: evicted, abandoned or never issued here.
     Unknown {
         op: Op,
@@ -89,6 +95,16 @@ impl fmt::Display for Refusal {
             Refusal::TooLarge { nbytes } => write!(
                 f,
                 "acquire: nbytes={nbytes} is too large; a request must be under 2**62 bytes"
+            ),
+            Refusal::OverReserve {
+                nbytes,
+                rounded,
+                reserved,
+            } => write!(
+                f,
+                "acquire: nbytes={nbytes} needs a new buffer of {rounded} bytes, which would make \
+                 reserved_bytes {}, over the ledger's limit of 2**63; release or trim buffers first",
+                u128::from(reserved) + u128::from(rounded)
             ),
             Refusal::Unknown { op, buffer_id } => write!(
                 f,
@@ -127,13 +143,37 @@ impl fmt::Display for Refusal {
                 f,
                 "pin: pinning buffer {buffer_id} of {requested} bytes would make the pinned set {} \
                  bytes, over budget_bytes={budget} (pinned_bytes={pinned}, free_bytes={free})",
-                pinned + requested
+                u128::from(pinned) + u128::from(requested)
             ),
         }
     }
 }
 
 impl std::error::Error for Refusal {}
+
+impl Refusal {
+    /// Every `(op, rule)` refusal of a lease, formatted for buffer 7, as
+    /// `dilated_attn.pool.ledger.REFUSAL_SAMPLES` lists them: the texts both ledgers must share.
+    pub fn samples() -> Vec<(&'static str, &'static str, String)> {
+        let buffer_id = 7;
+        let unknown = |op| Refusal::Unknown { op, buffer_id };
+        let released = |op| Refusal::Released { op, buffer_id };
+        [
+            ("release", "unknown", unknown(Op::Release)),
+            ("pin", "unknown", unknown(Op::Pin)),
+            ("unpin", "unknown", unknown(Op::Unpin)),
+            ("abandon", "unknown", unknown(Op::Abandon)),
+            ("release", "released", released(Op::Release)),
+            ("pin", "released", released(Op::Pin)),
+            ("abandon", "released", released(Op::Abandon)),
+            ("unpin", "stale", Refusal::Stale { buffer_id }),
+            ("unpin", "not pinned", Refusal::NotPinned { buffer_id }),
+        ]
+        .into_iter()
+        .map(|(op, rule, refusal)| (op, rule, refusal.to_string()))
+        .collect()
+    }
+}
 
 /// Counters and byte totals, in the order of `dilated_attn.pool.STATS_KEYS`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -195,9 +235,12 @@ struct Buffer {
     /// The latest lease's requested bytes.
     requested: u64,
     leased: bool,
-    pins: u32,
+    pins: u64,
     /// Position in the LRU while free.
     stamp: u64,
+    /// The peaks (reserved, in use) before this buffer's allocating lease, while that lease is
+    /// held: abandoning it (the storage could not be allocated) restores them.
+    peaks_before: Option<(u64, u64)>,
 }
 
 /// The bookkeeping of one pool. Not thread-safe by itself: callers hold it under one mutex.
@@ -263,9 +306,16 @@ impl Ledger {
             dtype,
             rounded: round_bytes(nbytes),
         };
+        let reused = self.free.get_mut(&key).and_then(VecDeque::pop_back);
+        if reused.is_none() && self.stats.reserved_bytes > MAX_RESERVED_BYTES - key.rounded {
+            return Err(Refusal::OverReserve {
+                nbytes,
+                rounded: key.rounded,
+                reserved: self.stats.reserved_bytes,
+            });
+        }
         let serial = self.next_serial;
         self.next_serial += 1;
-        let reused = self.free.get_mut(&key).and_then(VecDeque::pop_back);
         let (buffer_id, alloc_bytes, kind) = match reused {
             Some(buffer_id) => {
                 let buffer = self
@@ -293,6 +343,10 @@ impl Ledger {
                         leased: true,
                         pins: 0,
                         stamp: 0,
+                        peaks_before: Some((
+                            self.stats.peak_reserved_bytes,
+                            self.stats.peak_in_use_bytes,
+                        )),
                     },
                 );
                 self.stats.reserved_bytes += key.rounded;
@@ -320,6 +374,7 @@ impl Ledger {
     pub fn abandon(&mut self, buffer_id: u64, serial: u64) -> Result<(), Refusal> {
         let buffer = held(&mut self.buffers, buffer_id, serial, Op::Abandon)?;
         let (rounded, requested, pinned) = (buffer.key.rounded, buffer.requested, buffer.pins > 0);
+        let peaks_before = buffer.peaks_before;
         self.buffers.remove(&buffer_id);
         self.stats.reserved_bytes -= rounded;
         self.stats.in_use_bytes -= rounded;
@@ -327,6 +382,13 @@ impl Ledger {
         self.stats.num_buffers -= 1;
         if pinned {
             self.stats.pinned_bytes -= rounded;
+        }
+        if let Some((reserved_before, in_use_before)) = peaks_before {
+            // The storage never existed: take it out of the peaks it raised. A peak set by another
+            // lease since then counted these bytes too, so it drops by them as well.
+            let stats = &mut self.stats;
+            stats.peak_reserved_bytes = reserved_before.max(stats.peak_reserved_bytes - rounded);
+            stats.peak_in_use_bytes = in_use_before.max(stats.peak_in_use_bytes - rounded);
         }
         self.record(EventKind::Abandon, buffer_id, rounded, requested);
         Ok(())
@@ -336,6 +398,7 @@ impl Ledger {
     pub fn release(&mut self, buffer_id: u64, serial: u64) -> Result<Vec<u64>, Refusal> {
         let buffer = held(&mut self.buffers, buffer_id, serial, Op::Release)?;
         buffer.leased = false;
+        buffer.peaks_before = None;
         let (rounded, requested, pinned) = (buffer.key.rounded, buffer.requested, buffer.pins > 0);
         self.stats.in_use_bytes -= rounded;
         self.stats.requested_bytes -= requested;
@@ -609,6 +672,68 @@ mod tests {
         assert_eq!((s.reserved_bytes, s.in_use_bytes, s.num_buffers), (0, 0, 0));
         assert_eq!(s.misses, 1);
         assert!(l.release(a.buffer_id, a.serial).is_err());
+    }
+
+    #[test]
+    fn reserved_bytes_stop_at_the_limit_and_never_wrap() {
+        let mut l = ledger(None);
+        let big = MAX_REQUEST_BYTES - 1;
+        let a = l.acquire(0, 0, big).unwrap();
+        let b = l.acquire(0, 0, big).unwrap();
+        assert_eq!(l.stats().reserved_bytes, MAX_RESERVED_BYTES);
+        let before = l.stats();
+        assert_eq!(
+            l.acquire(0, 0, big),
+            Err(Refusal::OverReserve {
+                nbytes: big,
+                rounded: MAX_REQUEST_BYTES,
+                reserved: MAX_RESERVED_BYTES
+            })
+        );
+        let refusal = l.acquire(1, 0, 0).unwrap_err().to_string();
+        assert!(
+            refusal.contains("over the ledger's limit of 2**63"),
+            "{refusal}"
+        );
+        assert_eq!(l.stats(), before);
+        // A hit adds no reserved bytes, so it is granted at the limit.
+        l.release(a.buffer_id, a.serial).unwrap();
+        assert_eq!(l.acquire(0, 0, big).unwrap().buffer_id, a.buffer_id);
+        l.release(b.buffer_id, b.serial).unwrap();
+        assert_eq!(l.stats().peak_in_use_bytes, MAX_RESERVED_BYTES);
+    }
+
+    #[test]
+    fn abandon_takes_back_the_peaks_of_its_miss() {
+        let mut l = ledger(None);
+        let a = l.acquire(0, 0, 1 << 20).unwrap();
+        l.release(a.buffer_id, a.serial).unwrap();
+        let huge = l.acquire(0, 0, MAX_REQUEST_BYTES - 1).unwrap();
+        let small = l.acquire(0, 0, 100).unwrap();
+        assert_eq!(
+            l.stats().peak_reserved_bytes,
+            (1 << 20) + MAX_REQUEST_BYTES + 512
+        );
+        l.abandon(huge.buffer_id, huge.serial).unwrap();
+        let s = l.stats();
+        assert_eq!(
+            (s.peak_reserved_bytes, s.peak_in_use_bytes),
+            ((1 << 20) + 512, 1 << 20)
+        );
+        // A reused buffer's storage existed: abandoning its lease leaves the peaks alone.
+        l.release(small.buffer_id, small.serial).unwrap();
+        let again = l.acquire(0, 0, 100).unwrap();
+        l.abandon(again.buffer_id, again.serial).unwrap();
+        assert_eq!(l.stats().peak_reserved_bytes, (1 << 20) + 512);
+    }
+
+    #[test]
+    fn refusal_samples_cover_every_lease_rule() {
+        let samples = Refusal::samples();
+        assert_eq!(samples.len(), 9);
+        assert!(samples
+            .iter()
+            .all(|(op, _, text)| text.starts_with(&format!("{op}: "))));
     }
 
     #[test]

@@ -8,6 +8,9 @@ pub const LARGE_BYTES: u64 = 1 << 20;
 pub const ROUNDUP_DIVISIONS: u64 = 4;
 /// Requests must be smaller than this, so that rounding never overflows a `u64`.
 pub const MAX_REQUEST_BYTES: u64 = 1 << 62;
+/// A miss that would take the ledger's reserved bytes above this is refused, so that every byte
+/// total (reserved >= in use >= requested, free, pinned, the peaks) fits a `u64` and never wraps.
+pub const MAX_RESERVED_BYTES: u64 = 1 << 63;
 
 /// The bucket size of a request of `nbytes` bytes (`nbytes < MAX_REQUEST_BYTES`).
 ///

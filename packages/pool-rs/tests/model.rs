@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use dilated_attn_pool::events::{Event, EventKind};
 use dilated_attn_pool::ledger::{Grant, Ledger, Op, Refusal, Stats};
-use dilated_attn_pool::rounding::MAX_REQUEST_BYTES;
+use dilated_attn_pool::rounding::{MAX_REQUEST_BYTES, MAX_RESERVED_BYTES};
 use proptest::prelude::*;
 
 /// Rounding by enumeration: the first multiple of 512 (up to 1 MiB) or the first quarter step of
@@ -40,6 +40,8 @@ struct ModelBuffer {
     serial: u64,
     leased: bool,
     pins: u32,
+    /// The peaks before the allocating lease, while that lease is held.
+    peaks_before: Option<(u64, u64)>,
 }
 
 #[derive(Default)]
@@ -67,13 +69,23 @@ impl Model {
             return Err(Refusal::TooLarge { nbytes });
         }
         let rounded = model_round(nbytes);
-        let serial = self.next_serial;
-        self.next_serial += 1;
         let buffers = &self.buffers;
         let warmest = self.lru.iter().rposition(|id| {
             let b = buffers.iter().find(|b| b.id == *id).unwrap();
             (b.device, b.dtype, b.rounded) == (device, dtype, rounded)
         });
+        let reserved = self.stats().reserved_bytes;
+        if warmest.is_none()
+            && u128::from(reserved) + u128::from(rounded) > u128::from(MAX_RESERVED_BYTES)
+        {
+            return Err(Refusal::OverReserve {
+                nbytes,
+                rounded,
+                reserved,
+            });
+        }
+        let serial = self.next_serial;
+        self.next_serial += 1;
         let grant = match warmest {
             Some(pos) => {
                 let id = self.lru.remove(pos);
@@ -93,6 +105,7 @@ impl Model {
             None => {
                 let id = self.next_id;
                 self.next_id += 1;
+                let peaks_before = Some((self.peak_reserved, self.peak_in_use));
                 self.buffers.push(ModelBuffer {
                     id,
                     device,
@@ -102,6 +115,7 @@ impl Model {
                     serial,
                     leased: true,
                     pins: 0,
+                    peaks_before,
                 });
                 self.misses += 1;
                 Grant {
@@ -128,7 +142,12 @@ impl Model {
     }
 
     fn abandon(&mut self, id: u64, serial: u64) -> Result<(), Refusal> {
-        self.held(id, serial, Op::Abandon)?;
+        let b = self.held(id, serial, Op::Abandon)?;
+        if let Some((reserved, in_use)) = b.peaks_before {
+            let rounded = b.rounded;
+            self.peak_reserved = reserved.max(self.peak_reserved - rounded);
+            self.peak_in_use = in_use.max(self.peak_in_use - rounded);
+        }
         self.buffers.retain(|b| b.id != id);
         Ok(())
     }
@@ -136,6 +155,7 @@ impl Model {
     fn release(&mut self, id: u64, serial: u64) -> Result<Vec<u64>, Refusal> {
         let b = self.held(id, serial, Op::Release)?;
         b.leased = false;
+        b.peaks_before = None;
         if b.pins > 0 {
             return Ok(vec![]);
         }
@@ -234,14 +254,16 @@ impl Model {
 
 /// Stats rebuilt from nothing but the event history.
 fn replay(events: &[Event]) -> Stats {
-    // Per buffer: (rounded, leased, pins).
+    // Per buffer: (rounded, leased, pins), and the peaks before its allocating lease while held.
     let mut state: HashMap<u64, (u64, bool, u32)> = HashMap::new();
+    let mut peaks_before: HashMap<u64, (u64, u64)> = HashMap::new();
     let mut s = Stats::default();
     for e in events {
         let r = e.rounded_bytes;
         match e.kind {
             EventKind::Alloc | EventKind::Reuse => {
                 if e.kind == EventKind::Alloc {
+                    peaks_before.insert(e.buffer_id, (s.peak_reserved_bytes, s.peak_in_use_bytes));
                     s.misses += 1;
                     s.reserved_bytes += r;
                     s.num_buffers += 1;
@@ -260,6 +282,7 @@ fn replay(events: &[Event]) -> Stats {
             EventKind::Release => {
                 let b = state.get_mut(&e.buffer_id).unwrap();
                 b.1 = false;
+                peaks_before.remove(&e.buffer_id);
                 s.in_use_bytes -= r;
                 s.requested_bytes -= e.requested_bytes;
                 if b.2 == 0 {
@@ -296,6 +319,10 @@ fn replay(events: &[Event]) -> Stats {
             }
             EventKind::Abandon => {
                 let (_, _, pins) = state.remove(&e.buffer_id).unwrap();
+                if let Some((reserved, in_use)) = peaks_before.remove(&e.buffer_id) {
+                    s.peak_reserved_bytes = reserved.max(s.peak_reserved_bytes - r);
+                    s.peak_in_use_bytes = in_use.max(s.peak_in_use_bytes - r);
+                }
                 s.reserved_bytes -= r;
                 s.in_use_bytes -= r;
                 s.requested_bytes -= e.requested_bytes;
@@ -331,6 +358,8 @@ fn nbytes() -> impl Strategy<Value = u64> {
         6 => 0u64..2048,
         1 => prop::sample::select(vec![1 << 20, (1 << 20) + 1, 3 << 20, (5 << 20) + 1, 1 << 24]),
         1 => Just(MAX_REQUEST_BYTES),
+        // Two of these reach MAX_RESERVED_BYTES: a third miss is refused.
+        1 => Just(MAX_REQUEST_BYTES - 1),
     ]
 }
 

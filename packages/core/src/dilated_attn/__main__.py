@@ -1,4 +1,4 @@
-"""``python -m dilated_attn``: inspect the installed plugins."""
+"""``python -m dilated_attn``: inspect the installed plugins and the metadata cache."""
 
 from __future__ import annotations
 
@@ -71,14 +71,42 @@ def _plugins(as_json: bool) -> int:
     return 0
 
 
+def _cache(as_json: bool) -> int:
+    from dilated_attn.cache import REGION_STATS_KEYS, cache_stats
+
+    get_registry()  # plugins loaded, so the cache's ledger is the one the library would use
+    try:
+        stats = cache_stats()
+    except ValueError as exc:  # a bad DILATED_ATTN_CACHE_BYTES: one line, not a traceback
+        print(f"python -m dilated_attn cache: error: {exc}", file=sys.stderr)
+        return 2
+    if as_json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    print(f"metadata cache: ledger={stats['ledger']} budget_bytes={stats['budget_bytes']}")
+    rows = [(name, *(str(r[k]) for k in REGION_STATS_KEYS)) for name, r in stats["regions"].items()]
+    rows.append(("total", *(str(stats["total"][k]) for k in REGION_STATS_KEYS)))
+    headers = ("region", *REGION_STATS_KEYS)
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    print(f"peak_bytes={stats['total']['peak_bytes']} (this process)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dilated_attn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     plugins = sub.add_parser("plugins", help="list attention backends and buffer pools with their sources")
     plugins.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    cache = sub.add_parser("cache", help="the metadata cache's budget, ledger and per-region stats")
+    cache.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     if args.command == "plugins":
         return _plugins(args.json)
+    if args.command == "cache":
+        return _cache(args.json)
     return 2
 
 
