@@ -63,7 +63,7 @@ def test_module_init_and_errors():
     assert mha.v_proj.weight.std() < mha.q_proj.weight.std()
     with pytest.raises(ValueError, match="embed_dim=30 must be divisible by num_heads=4"):
         MultiheadDilatedAttention(30, 4, [8], [1])
-    with pytest.raises(ValueError, match="num_kv_heads=3 must be a positive int dividing num_heads=4"):
+    with pytest.raises(ValueError, match="num_kv_heads=3 must divide num_heads=4"):
         MultiheadDilatedAttention(32, 4, [8], [1], num_kv_heads=3)
     with pytest.raises(ValueError, match=r"query.shape=\(1, 8, 16\) must be \(batch, seq, embed_dim=32\)"):
         MultiheadDilatedAttention(32, 4, [8], [1])(torch.randn(1, 8, 16))
