@@ -7,7 +7,7 @@ import torch
 from dilated_attn import dilated_attention
 from dilated_attn.ops import dilated_backward, dilated_forward, jobs_for
 from dilated_attn.pattern import DilationPattern
-from dilated_attn.plan import plan_cache_info
+from dilated_attn.cache import metadata_cache
 from dilated_attn.reference import dilated_attention_reference
 from dilated_attn.testing import BackendConformance, relative_error
 from hypothesis import given, settings
@@ -162,10 +162,12 @@ def test_no_nan_for_large_scores_and_empty_rows():
 def test_plans_are_built_once_per_shape():
     q = torch.randn(1, 77, 3, 8)
     dilated_attention(q, q, q, [7, 11], [1, 2], backend="sdpa")
-    before = plan_cache_info()["entries"]
+    plans = metadata_cache("core.gather_plans")
+    before = plans.stats()
     for _ in range(3):
         dilated_attention(q, q, q, [7, 11], [1, 2], backend="sdpa")
-    assert plan_cache_info()["entries"] == before
+    after = plans.stats()
+    assert after["misses"] == before["misses"] and after["hits"] == before["hits"] + 3 * 2
 
 
 def test_bad_arguments_name_the_rule():

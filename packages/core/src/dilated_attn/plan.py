@@ -9,12 +9,11 @@ indexing op on a ``(b, S, W*h, d)`` view, and writing back is the same op on the
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
+from dilated_attn.cache import metadata_cache
 from dilated_attn.pattern import PatternJob
 
 
@@ -64,31 +63,16 @@ def _build(job: PatternJob, n: int, num_heads: int, device: torch.device) -> tup
     return tuple(groups)
 
 
-_CACHE_SIZE = 128
-_cache: OrderedDict[tuple[object, ...], tuple[Group, ...]] = OrderedDict()
-_cache_lock = threading.Lock()
+_PLANS = metadata_cache("core.gather_plans")
 
 
 def groups_for(job: PatternJob, n: int, num_heads: int, device: torch.device) -> tuple[Group, ...]:
     """The cached gather plan of ``job`` for sequence length ``n`` and ``num_heads`` heads."""
-    key = (job, n, num_heads, device)
-    with _cache_lock:
-        hit = _cache.get(key)
-        if hit is not None:
-            _cache.move_to_end(key)
-            return hit
-    built = _build(job, n, num_heads, device)
-    with _cache_lock:
-        _cache[key] = built
-        if len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
-    return built
-
-
-def plan_cache_info() -> dict[str, int]:
-    """Entries held by the plan cache (for tests and diagnostics)."""
-    with _cache_lock:
-        return {"entries": len(_cache), "capacity": _CACHE_SIZE}
+    return _PLANS.get_or_build(
+        (job, n, num_heads, device),
+        lambda: _build(job, n, num_heads, device),
+        nbytes=lambda groups: sum(g.flat.nbytes + g.rows.nbytes for g in groups) + 256 * len(groups),
+    )
 
 
 def segment_view(x: torch.Tensor, group: Group) -> torch.Tensor:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
+from dilated_attn.cache import metadata_cache
 from dilated_attn.pattern import DilationPattern, jobs_for
 
 
@@ -56,10 +56,13 @@ def plan_launches(
     mode: str,
 ) -> LaunchPlan:
     """Launches for a ``(b, n, num_heads, d)`` problem; patterns with ``r == 1`` go first."""
-    return _plan(n, num_heads, tuple(segment_lengths), tuple(dilation_rates), mode)
+    key = (n, num_heads, tuple(segment_lengths), tuple(dilation_rates), mode)
+    return _LAUNCH_PLANS.get_or_build(key, lambda: _plan(*key), nbytes=lambda plan: 128 * (1 + len(plan.launches)))
 
 
-@lru_cache(maxsize=256)
+_LAUNCH_PLANS = metadata_cache("core.launch_plans")
+
+
 def _plan(
     n: int, num_heads: int, segment_lengths: tuple[int, ...], dilation_rates: tuple[int, ...], mode: str
 ) -> LaunchPlan:
