@@ -109,7 +109,9 @@ def dilated_attention_forward(
         k = k.repeat_interleave(h // h_kv, dim=2)
         v = v.repeat_interleave(h // h_kv, dim=2)
 
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padded: torch.Tensor | None) -> torch.Tensor:
+    def attend(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padded: torch.Tensor | None
+    ) -> torch.Tensor:
         return dilated_attention(
             q,
             k,

@@ -55,5 +55,7 @@ def dilated_attention_config(config: Any) -> DilatedAttentionConfig:
         raise ValueError(f"config.{CONFIG_KEY}['mode']={mode!r} must be one of {MODES}")
     backend = raw.get("backend", "auto")
     if not isinstance(backend, str):
-        raise TypeError(f"config.{CONFIG_KEY}['backend']={backend!r} must be a backend name (str), e.g. 'ring'")
+        raise TypeError(
+            f"config.{CONFIG_KEY}['backend']={backend!r} must be a backend name (str), e.g. 'ring'"
+        )
     return DilatedAttentionConfig(pattern=pattern, mode=mode, backend=backend)
