@@ -9,6 +9,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+pytest.importorskip("dilated_attn_transformers")
 
 from dilated_attn.reference import dilated_attention_reference  # noqa: E402
 from dilated_attn.testing import TOLERANCES, relative_error  # noqa: E402

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+pytest.importorskip("dilated_attn_transformers")
 
 import dilated_attn_transformers  # noqa: E402, F401
 from dilated_attn.testing import TOLERANCES, relative_error  # noqa: E402

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("transformers")
+pytest.importorskip("dilated_attn_transformers")
 
 README = Path(__file__).resolve().parents[2] / "packages" / "transformers" / "README.md"
 
