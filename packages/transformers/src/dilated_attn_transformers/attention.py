@@ -12,9 +12,9 @@ the same prompt unpadded does. Padded query rows output 0.
 
 Decoding. Causal dilated attention is prefix-consistent and each output row depends on its own query
 only, so ``t`` new queries over ``n`` cached keys are rows ``[n - t, n)`` of the attention over length
-``n`` with every other query row set to 0. This recomputes ``O(n)`` work per step from the model's own
-``DynamicCache``; ``dilated_attn.DilatedKVCache``, which keeps only the keys the pattern can still reach,
-will replace it.
+``n`` with every other query row set to 0. Each step thus recomputes the attention over all ``n``
+positions of the model's own ``DynamicCache``; ``dilated_attn.DilatedKVCache``, which keeps only the
+keys the pattern can still reach, will replace it.
 """
 
 from __future__ import annotations
