@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from dilated_attn.decoding import dilated_attention_with_kvcache
 from dilated_attn.kvcache import DilatedKVCache, KVCacheBudgetError
 from dilated_attn.pattern import DilationPattern

@@ -80,7 +80,7 @@ def dilated_attention_with_kvcache(
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
         raise ValueError(f"scale={scale!r} must be a positive float (or None: head_dim ** -0.5)")
     scale = float(scale)
-    if t == 1 and q.is_cuda:
+    if t == 1 and q.is_cuda and q.dtype != torch.float64:
         from dilated_attn.kernels.decode import decode_step
 
         out, lse = decode_step(q, k, v, cache, scale)
