@@ -8,7 +8,9 @@ from typing import Any, Literal, overload
 import torch
 from torch import nn
 
+from dilated_attn.decoding import dilated_attention_with_kvcache
 from dilated_attn.functional import dilated_attention
+from dilated_attn.kvcache import DilatedKVCache
 from dilated_attn.pattern import DilationPattern, check_mode
 
 
@@ -197,13 +199,18 @@ class MultiheadDilatedAttention(nn.Module):
         is_causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
         need_weights: bool = False,
+        cache: DilatedKVCache | None = None,
     ) -> tuple[torch.Tensor, None]:
         """``query`` ``(b, n, embed_dim)`` (key/value default to it) -> ``((b, n, embed_dim), None)``.
 
-        ``key_padding_mask`` ``(b, n)`` bool marks keys (True) that are never attended.
+        ``key_padding_mask`` ``(b, n)`` bool marks keys (True) that are never attended. With ``cache``
+        (a ``DilatedKVCache`` of this module's pattern, mode, heads and head size), the ``n`` tokens
+        follow those already in it: causal attention through ``dilated_attention_with_kvcache``.
         """
         if need_weights:
             raise ValueError("need_weights=True is not supported: dilated attention never forms the weights")
+        if cache is not None:
+            return self._forward_cached(query, key, value, cache, is_causal, key_padding_mask), None
         key = query if key is None else key
         value = key if value is None else value
         for name, t in (("query", query), ("key", key), ("value", value)):
@@ -230,3 +237,49 @@ class MultiheadDilatedAttention(nn.Module):
         if self.norm is not None:
             out = self.norm(out)
         return self.out_proj(out), None
+
+    def _forward_cached(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor | None,
+        value: torch.Tensor | None,
+        cache: DilatedKVCache,
+        is_causal: bool,
+        key_padding_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        attention = self.attention
+        if key is not None or value is not None:
+            raise ValueError("cache= attends the tokens to themselves: pass query only (key=value=None)")
+        if not is_causal or key_padding_mask is not None:
+            raise ValueError(
+                f"cache= is causal decoding: is_causal={is_causal} must be True and key_padding_mask None"
+            )
+        if self.training and attention.attention_dropout > 0:
+            raise ValueError(
+                f"cache= has no attention dropout: call eval() (dropout={attention.attention_dropout})"
+            )
+        if (
+            cache.pattern != attention.pattern
+            or cache.mode != attention.mode
+            or (cache.num_query_heads, cache.num_heads, cache.head_dim)
+            != (self.num_heads, self.num_kv_heads, self.head_dim)
+        ):
+            raise ValueError(
+                f"cache={cache!r} must match this module: pattern {attention.pattern}, "
+                f"mode={attention.mode!r}, num_query_heads={self.num_heads}, "
+                f"num_heads={self.num_kv_heads}, head_dim={self.head_dim}"
+            )
+        if query.dim() != 3 or query.shape[-1] != self.embed_dim:
+            raise ValueError(
+                f"query.shape={tuple(query.shape)} must be (batch, seq, embed_dim={self.embed_dim})"
+            )
+        b, n, _ = query.shape
+        q = self.q_proj(query).view(b, n, self.num_heads, self.head_dim)
+        k = self.k_proj(query).view(b, n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(query).view(b, n, self.num_kv_heads, self.head_dim)
+        out = dilated_attention_with_kvcache(q, k, v, cache, scale=attention.scale)
+        assert isinstance(out, torch.Tensor)
+        out = out.reshape(b, n, self.embed_dim)
+        if self.norm is not None:
+            out = self.norm(out)
+        return self.out_proj(out)
