@@ -5,7 +5,9 @@ tensors, the modules ``DilatedAttention`` and ``MultiheadDilatedAttention``, a s
 a pluggy registry through which backends (ring, block-sparse, fused kernels, third-party) plug in.
 """
 
+from dilated_attn.decoding import dilated_attention_with_kvcache
 from dilated_attn.functional import dilated_attention
+from dilated_attn.kvcache import DilatedKVCache, KVCacheBudgetError
 from dilated_attn.hookspecs import hookimpl
 from dilated_attn.models import LongNetLM
 from dilated_attn.modules import DilatedAttention, MultiheadDilatedAttention
@@ -19,12 +21,15 @@ __all__ = [
     "Capabilities",
     "Request",
     "DilatedAttention",
+    "DilatedKVCache",
+    "KVCacheBudgetError",
     "DilationPattern",
     "LongNetLM",
     "MultiheadDilatedAttention",
     "available_backends",
     "available_pools",
     "dilated_attention",
+    "dilated_attention_with_kvcache",
     "get_backend",
     "get_pool",
     "hookimpl",

@@ -8,7 +8,9 @@ from typing import Any, Literal, overload
 import torch
 from torch import nn
 
+from dilated_attn.decoding import dilated_attention_with_kvcache
 from dilated_attn.functional import dilated_attention
+from dilated_attn.kvcache import DilatedKVCache
 from dilated_attn.pattern import DilationPattern, check_mode
 from dilated_attn.registry import get_registry
 from dilated_attn.validation import check_bool, check_dropout, check_int, check_scale
@@ -237,16 +239,23 @@ class MultiheadDilatedAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         *,
         is_causal: bool | None = None,
+        cache: DilatedKVCache | None = None,
     ) -> tuple[torch.Tensor, None]:
         """``query`` ``(b, n, embed_dim)`` (``(n, b, embed_dim)`` when not batch_first; key/value default
         to it) -> ``(output of the same layout, None)``.
 
         ``key_padding_mask`` ``(b, n)`` bool marks keys (True) that are never attended; ``attn_mask``
         is accepted only as a boolean mask that drops whole keys (see ``dilated_attention``);
-        ``is_causal=None`` uses the module's ``causal``.
+        ``is_causal=None`` uses the module's ``causal``. With ``cache`` (a ``DilatedKVCache`` of this
+        module's pattern, mode, heads and head size) the tokens follow those already in it: causal
+        decoding through ``dilated_attention_with_kvcache``.
         """
         if check_bool("need_weights", need_weights):
             raise ValueError("need_weights=True is not supported: dilated attention never forms the weights")
+        if cache is not None:
+            causal = self.causal if is_causal is None else check_bool("is_causal", is_causal)
+            out = self._forward_cached(query, key, value, cache, causal, key_padding_mask, attn_mask)
+            return out, None
         key = query if key is None else key
         value = key if value is None else value
         for name, t in (("query", query), ("key", key), ("value", value)):
@@ -274,3 +283,50 @@ class MultiheadDilatedAttention(nn.Module):
             out = self.norm(out)
         out = self.out_proj(out)
         return (out if self.batch_first else out.transpose(0, 1)), None
+
+    def _forward_cached(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor | None,
+        value: torch.Tensor | None,
+        cache: DilatedKVCache,
+        causal: bool,
+        key_padding_mask: torch.Tensor | None,
+        attn_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        attention = self.attention
+        if key is not None or value is not None:
+            raise ValueError("cache= attends the tokens to themselves: pass query only (key=value=None)")
+        if not causal or key_padding_mask is not None or attn_mask is not None:
+            raise ValueError(
+                f"cache= is causal decoding: is_causal={causal} must be True (or the module causal) and "
+                "key_padding_mask and attn_mask None"
+            )
+        if self.training and attention.attention_dropout > 0:
+            raise ValueError(f"cache= has no attention dropout: call eval() (dropout={attention.attention_dropout})")
+        if (
+            cache.pattern != attention.pattern
+            or cache.mode != attention.mode
+            or (cache.num_query_heads, cache.num_heads, cache.head_dim)
+            != (self.num_heads, self.num_kv_heads, self.head_dim)
+        ):
+            raise ValueError(
+                f"cache={cache!r} must match this module: pattern {attention.pattern}, "
+                f"mode={attention.mode!r}, num_query_heads={self.num_heads}, "
+                f"num_heads={self.num_kv_heads}, head_dim={self.head_dim}"
+            )
+        if not self.batch_first:
+            query = query.transpose(0, 1)
+        if query.dim() != 3 or query.shape[-1] != self.embed_dim:
+            raise ValueError(f"query.shape={tuple(query.shape)} must be (batch, seq, embed_dim={self.embed_dim})")
+        b, n, _ = query.shape
+        q = self.q_proj(query).view(b, n, self.num_heads, self.head_dim)
+        k = self.k_proj(query).view(b, n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(query).view(b, n, self.num_kv_heads, self.head_dim)
+        out = dilated_attention_with_kvcache(q, k, v, cache, scale=attention.scale)
+        assert isinstance(out, torch.Tensor)
+        out = out.reshape(b, n, self.embed_dim)
+        if self.norm is not None:
+            out = self.norm(out)
+        out = self.out_proj(out)
+        return out if self.batch_first else out.transpose(0, 1)
