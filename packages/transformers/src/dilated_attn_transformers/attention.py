@@ -102,12 +102,8 @@ def dilated_attention_forward(
             f"config.{CONFIG_KEY}['backend']='ring' runs sequence-parallel training and prefill; cached "
             "decoding (generate) runs on one device: use the default backend there"
         )
+    # Grouped K/V heads go through as they are: dilated_attention takes h_kv heads dividing h.
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    if h_kv != h:
-        # GQA: K/V repeated to the query heads (query head j reads K/V head j // (h / h_kv)) until
-        # dilated_attention takes h_kv heads natively.
-        k = k.repeat_interleave(h // h_kv, dim=2)
-        v = v.repeat_interleave(h // h_kv, dim=2)
 
     def attend(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padded: torch.Tensor | None
