@@ -78,7 +78,8 @@ def test_compare_names_speedups_regressions_and_status_changes(tmp_path, capsys)
     write_json(tmp_path / "a.json", a, {})
     write_json(tmp_path / "b.json", b, {})
     assert read_json(tmp_path / "a.json")[0] == a
-    assert main(["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    # triton ran out of memory in B, and "mixed" is slower in one phase: both gate (exit status 1).
+    assert main(["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 1
     out = capsys.readouterr().out
     assert "| sdpa b=1, n=256, h=2, d=16, fp32, longnet | 10 | 5 | 2.00x |" in out
     assert "7 shared rows: 1 faster, 1 regressions, 1 mixed." in out
