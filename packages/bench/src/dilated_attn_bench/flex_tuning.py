@@ -13,9 +13,9 @@ under each candidate ``kernel_options``:
 
 Each timing is reported as ``time / (dense cuDNN time x block density)`` (flash when cuDNN does not
 run), the ratio whose target is <= 1.3; forward times are taken with inputs that require grad. See
-``sparse_bench.py``, whose helpers this script uses.
+``dilated_attn_bench.sparse``, whose helpers this study uses.
 
-    PYTHONPATH=packages/core/src:packages/sparse/src python3 packages/sparse/benches/flex_tuning.py --out flex_tuning.json
+    dilated-attn-bench flex-tuning --out flex_tuning.json --md flex_tuning.md
 
 The full sweep (3 kinds, 8 + 7 candidates, one compile each) may not fit in ``--max-seconds``
 (default 420): past it, the candidates left are recorded as ``skipped: time limit``. Split it with
