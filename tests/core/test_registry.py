@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from dilated_attn import MultiheadDilatedAttention, dilated_attention, hookimpl
+from dilated_attn.functional import build_request
 from dilated_attn.registry import (
     build_registry,
     get_backend,
@@ -33,16 +34,17 @@ def test_unknown_backend_lists_known_names():
         get_backend("missing")
 
 
+def _request(device="cpu", **kwargs):
+    q = torch.randn(1, 16, 2, 8, device=device, requires_grad=True)
+    return build_request(q, q, q, **kwargs)
+
+
 def test_auto_picks_highest_priority_that_fits():
     registry = get_registry()
-    chosen = registry.select(
-        device_type="cpu", dtype=torch.float32, mode="longnet", causal=True, needs_grad=True
-    )
+    chosen = registry.select(_request(causal=True))
     assert chosen.capabilities.priority >= registry.attention("sdpa").capabilities.priority
-    with pytest.raises(ValueError, match="found no attention backend for device='tpu'"):
-        registry.select(
-            device_type="tpu", dtype=torch.float32, mode="longnet", causal=False, needs_grad=False
-        )
+    with pytest.raises(ValueError, match="found no attention backend for device='meta'"):
+        registry.select(_request(device="meta"))
 
 
 class _Recorder:
@@ -52,35 +54,12 @@ class _Recorder:
 
     @hookimpl
     def dilated_attn_register_attention(self, register):
-        def fn(
-            q,
-            k,
-            v,
-            segment_lengths,
-            dilation_rates,
-            *,
-            mode,
-            causal,
-            scale,
-            dropout_p,
-            return_lse,
-            factor=2.0,
-        ):
+        def fn(q, k, v, pattern, request):
             _Recorder.calls += 1
-            out = dilated_attention(
-                q,
-                k,
-                v,
-                segment_lengths,
-                dilation_rates,
-                mode=mode,
-                causal=causal,
-                scale=scale,
-                backend="sdpa",
-            )
-            return out * factor
+            out, lse = get_backend("sdpa").fn(q, k, v, pattern, request)
+            return out * request.options.get("factor", 2.0), lse
 
-        register("recorder", fn, devices=("cpu",), dtypes=(torch.float32,), auto=False)
+        register("recorder", fn, devices=("cpu",), dtypes=(torch.float32,), auto=False, options=("factor",))
 
 
 def test_in_test_plugin_used_by_name_and_unregistered():
@@ -105,9 +84,9 @@ def test_duplicate_names_are_refused():
             register("sdpa", lambda *a, **k: None)
 
     registry = get_registry()
-    with pytest.raises(ValueError, match="attention backend 'sdpa' registered twice"):
+    with pytest.raises(ValueError, match="attention backend 'sdpa' .* is a built-in"):
         registry.register(Dup(), name="dup")
-    registry.unregister("dup")
+    assert not registry.plugin_manager.has_plugin("dup")
 
 
 def test_misspelt_hook_fails_loudly():
@@ -119,22 +98,20 @@ def test_misspelt_hook_fails_loudly():
     registry = get_registry()
     with pytest.raises(Exception, match="unknown hook"):
         registry.register(Typo(), name="typo")
-    registry.plugin_manager.unregister(name="typo")
+    assert not registry.plugin_manager.has_plugin("typo")
 
 
 PLUGIN_SOURCE = textwrap.dedent(
     '''
-    import torch
-    from dilated_attn import hookimpl, dilated_attention
+    from dilated_attn import hookimpl, get_backend
 
     @hookimpl
     def dilated_attn_register_attention(register):
         """Registers "throwaway": the core result negated."""
-        def fn(q, k, v, segment_lengths, dilation_rates, *, mode, causal, scale, dropout_p, return_lse):
-            out = dilated_attention(q, k, v, segment_lengths, dilation_rates, mode=mode, causal=causal,
-                                    scale=scale, backend="sdpa")
-            return -out
-        register("throwaway", fn, devices=("cpu",), auto=False, note="test plugin")
+        def fn(q, k, v, pattern, request):
+            out, lse = get_backend("sdpa").fn(q, k, v, pattern, request)
+            return -out, lse
+        register("throwaway", fn, devices=("cpu",), auto=False, extra={"note": "test plugin"})
     '''
 )
 
@@ -216,8 +193,9 @@ def test_auto_skips_backends_without_dropout():
     class NoDropout:
         @hookimpl
         def dilated_attn_register_attention(self, register):
-            def fn(q, k, v, segment_lengths, dilation_rates, **kwargs):
-                raise AssertionError("auto must not pick a backend without dropout for dropout_p > 0")
+            def fn(q, k, v, pattern, request):
+                assert request.dropout_p == 0.0, "auto must not pick a backend without dropout for dropout_p > 0"
+                return get_backend("sdpa").fn(q, k, v, pattern, request)
 
             register("fast-no-dropout", fn, devices=("cpu",), dropout=False, priority=1000)
 
@@ -225,15 +203,11 @@ def test_auto_skips_backends_without_dropout():
     name = registry.register(NoDropout(), name="no-dropout-plugin")
     try:
         q = torch.randn(1, 16, 2, 8)
-        assert (
-            registry.select(
-                device_type="cpu", dtype=torch.float32, mode="longnet", causal=False, needs_grad=False
-            ).name
-            == "fast-no-dropout"
-        )
+        assert registry.select(_request()).name == "fast-no-dropout"
+        assert registry.select(_request(dropout_p=0.5)).name != "fast-no-dropout"
         out = dilated_attention(q, q, q, [8], [1], dropout_p=0.5)
         assert out.shape == q.shape
-        with pytest.raises(ValueError, match="backend='fast-no-dropout' does not support dropout_p=0.5"):
+        with pytest.raises(ValueError, match="backend='fast-no-dropout' cannot run these inputs: dropout_p=0.5"):
             dilated_attention(q, q, q, [8], [1], dropout_p=0.5, backend="fast-no-dropout")
     finally:
         registry.unregister(name)

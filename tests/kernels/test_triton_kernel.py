@@ -19,8 +19,9 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from dilated_attn import hookimpl  # noqa: E402
-from dilated_attn.functional import dilated_attention  # noqa: E402
-from dilated_attn.kernels import register_backends, triton_dilated_attention, tuning  # noqa: E402
+from dilated_attn.functional import build_request, dilated_attention  # noqa: E402
+from dilated_attn.backends.triton import DTYPES, HEAD_DIMS, register_triton, triton_backend  # noqa: E402
+from dilated_attn.kernels import op, tuning  # noqa: E402
 from dilated_attn.kernels.launches import plan_launches  # noqa: E402
 from dilated_attn.reference import dilated_attention_reference  # noqa: E402
 from dilated_attn.registry import get_registry  # noqa: E402
@@ -31,6 +32,37 @@ interpreted = pytest.mark.skipif(
     not tuning.interpreting(), reason="CPU checks need the kernels imported under TRITON_INTERPRET=1"
 )
 cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+class _InterpretedPlugin:
+    """The kernels on CPU tensors, under another name: "triton" itself declares CUDA only."""
+
+    @hookimpl
+    def dilated_attn_register_attention(self, register):
+        register(
+            "triton-interpreted",
+            triton_backend,
+            devices=("cpu",),
+            dtypes=(torch.float32, torch.float16),
+            head_dims=HEAD_DIMS,
+            auto=False,
+        )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpreted_backend():
+    registry = get_registry()
+    name = registry.register(_InterpretedPlugin(), name="test-triton-interpreted")
+    try:
+        yield
+    finally:
+        registry.unregister(name)
+
+
+def triton_dilated_attention(q, k, v, w, r, **kwargs):
+    """The kernels through the front door: "triton" on CUDA tensors, the interpreter on CPU ones."""
+    backend = "triton" if q.is_cuda else "triton-interpreted"
+    return dilated_attention(q, k, v, w, r, backend=backend, **kwargs)
 
 
 def _check(
@@ -258,32 +290,38 @@ def test_interpreted_compile_fullgraph():
 # -- argument errors ----------------------------------------------------------------------------
 
 
+def test_triton_capabilities_match_the_kernels():
+    """The backend module declares the kernels' limits without importing Triton; they agree."""
+    assert DTYPES == op.DTYPES and HEAD_DIMS == (op.MIN_HEAD_DIM, op.MAX_HEAD_DIM)
+
+
 def test_rejects_dropout():
     q = torch.randn(1, 16, 2, 16)
-    with pytest.raises(ValueError, match=r"dropout_p=0.1 .*must be 0"):
+    with pytest.raises(ValueError, match=r"dropout_p=0.1 not supported \(it must be 0\)"):
         triton_dilated_attention(q, q, q, [8], [1], dropout_p=0.1)
 
 
 @pytest.mark.parametrize("head_dim", [8, 272])
 def test_rejects_head_dim_out_of_range(head_dim):
     q = torch.randn(1, 16, 2, head_dim)
-    with pytest.raises(ValueError, match=rf"head_dim={head_dim} .*\[16, 256\]"):
+    with pytest.raises(ValueError, match=rf"head_dim {head_dim} outside \[16, 256\]"):
         triton_dilated_attention(q, q, q, [8], [1])
 
 
 def test_rejects_float64_and_unknown_kwargs():
     q = torch.randn(1, 16, 2, 16, dtype=torch.float64)
-    with pytest.raises(TypeError, match="q.dtype=torch.float64"):
+    with pytest.raises(ValueError, match="dtype torch.float64 not in"):
         triton_dilated_attention(q, q, q, [8], [1])
-    with pytest.raises(TypeError, match="key_padding_mask"):
-        triton_dilated_attention(q.float(), q.float(), q.float(), [8], [1], key_padding_mask=None)
+    with pytest.raises(ValueError, match="key_padding_mask not supported"):
+        triton_dilated_attention(q.float(), q.float(), q.float(), [8], [1], key_padding_mask=torch.zeros(1, 16, dtype=torch.bool))
+    with pytest.raises(TypeError, match="unexpected keyword arguments"):
+        triton_dilated_attention(q.float(), q.float(), q.float(), [8], [1], block_size=3)
 
 
-def test_rejects_cpu_tensors_when_compiled(monkeypatch):
-    monkeypatch.setattr("dilated_attn.kernels.op.interpreting", lambda: False)
+def test_rejects_cpu_tensors():
     q = torch.randn(1, 16, 2, 16)
-    with pytest.raises(ValueError, match=r"q.device=cpu .*CUDA"):
-        triton_dilated_attention(q, q, q, [8], [1])
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run these inputs: device 'cpu' not in \('cuda',\)"):
+        dilated_attention(q, q, q, [8], [1], backend="triton")
 
 
 def test_rejects_bad_pattern_and_mode():
@@ -296,44 +334,20 @@ def test_rejects_bad_pattern_and_mode():
 
 def test_registers_preferred_cuda_backend():
     seen = {}
-    register_backends(lambda name, fn, **caps: seen.update(name=name, fn=fn, caps=caps))
-    assert seen["name"] == "triton" and seen["fn"] is triton_dilated_attention
+    register_triton(lambda name, fn, **caps: seen.update(name=name, fn=fn, caps=caps))
+    assert seen["name"] == "triton" and seen["fn"] is triton_backend
     caps = seen["caps"]
     assert caps["devices"] == ("cuda",) and caps["priority"] == 20
-    assert set(caps["modes"]) == {"longnet", "head_groups"} and caps["causal"] and caps["backward"]
     backend = get_registry().attention("triton")
+    assert set(backend.capabilities.modes) == {"longnet", "head_groups"}
+    assert backend.capabilities.causal and backend.capabilities.backward
     assert backend.capabilities.priority > get_registry().attention("sdpa").capabilities.priority
 
 
 # -- the conformance kit ------------------------------------------------------------------------
 
 
-class _InterpretedPlugin:
-    """The kernels on CPU tensors, under another name: "triton" itself declares CUDA only."""
-
-    @hookimpl
-    def dilated_attn_register_attention(self, register):
-        register(
-            "triton-interpreted",
-            triton_dilated_attention,
-            devices=("cpu",),
-            dtypes=(torch.float32, torch.float16),
-            auto=False,
-        )
-
-
-@pytest.fixture(scope="class")
-def interpreted_backend():
-    registry = get_registry()
-    name = registry.register(_InterpretedPlugin(), name="test-triton-interpreted")
-    try:
-        yield
-    finally:
-        registry.unregister(name)
-
-
 @interpreted
-@pytest.mark.usefixtures("interpreted_backend")
 class TestInterpretedConformance(BackendConformance):
     backend = "triton-interpreted"
     device = "cpu"
@@ -374,12 +388,9 @@ def test_cuda_auto_prefers_triton():
     q = torch.randn(1, 256, 2, 64, device="cuda", dtype=torch.bfloat16)
     out = dilated_attention(q, q, q, [64, 256], [1, 4])
     torch.testing.assert_close(out, triton_dilated_attention(q, q, q, [64, 256], [1, 4]), rtol=0, atol=0)
-    assert (
-        get_registry()
-        .select(device_type="cuda", dtype=torch.bfloat16, mode="longnet", causal=True, needs_grad=True)
-        .name
-        == "triton"
-    )
+    assert get_registry().select(build_request(q, q, q, causal=True)).name == "triton"
+    q8 = torch.randn(1, 256, 2, 8, device="cuda", dtype=torch.bfloat16)
+    assert get_registry().select(build_request(q8, q8, q8)).name == "sdpa"
 
 
 @cuda

@@ -10,6 +10,7 @@ pytest.importorskip("dilated_attn_ring")
 
 import dilated_attn_ring.plugin  # noqa: E402
 from dilated_attn import dilated_attention  # noqa: E402
+from dilated_attn.functional import build_request  # noqa: E402
 from dilated_attn.registry import build_registry  # noqa: E402
 from dilated_attn_ring import ring_dilated_attention  # noqa: E402
 
@@ -27,9 +28,8 @@ def test_registers_as_distributed_backend_never_chosen_by_auto() -> None:
         backend = registry.attention("ring")
         assert backend.capabilities.distributed and not backend.capabilities.auto
         assert set(backend.capabilities.modes) == {"longnet", "head_groups"}
-        chosen = registry.select(
-            device_type="cpu", dtype=torch.float32, mode="longnet", causal=False, needs_grad=True
-        )
+        q = torch.randn(1, 8, 2, 4, requires_grad=True)
+        chosen = registry.select(build_request(q, q, q))
         assert chosen.name != "ring"
     finally:
         registry.unregister(name)

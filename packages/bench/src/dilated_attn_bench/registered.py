@@ -5,6 +5,7 @@ from __future__ import annotations
 import dilated_attn
 import torch
 from dilated_attn.registry import AttentionBackend, get_registry
+from dilated_attn.request import Request
 
 from dilated_attn_bench.distributed import World, gather, shard
 from dilated_attn_bench.implementations import KIND_DILATED, Implementation, Prepared, random_inputs
@@ -28,11 +29,18 @@ class RegisteredBackend(Implementation):
         if caps.requires:
             return "needs " + ", ".join(caps.requires)
         why = caps.mismatch(
-            device_type=device.type,
-            dtype=workload.dtype,
-            mode=workload.mode,
-            causal=workload.causal,
-            needs_grad=False,
+            Request(
+                device=device,
+                dtype=workload.dtype,
+                batch=workload.batch,
+                seq_len=workload.seq_len,
+                num_heads=workload.heads,
+                num_kv_heads=workload.heads,
+                head_dim=workload.head_dim,
+                mode=workload.mode,
+                causal=workload.causal,
+                scale=workload.head_dim**-0.5,
+            )
         )
         if why is not None:
             return why

@@ -10,11 +10,14 @@ from dilated_attn.hookspecs import hookimpl
 from dilated_attn.models import LongNetLM
 from dilated_attn.modules import DilatedAttention, MultiheadDilatedAttention
 from dilated_attn.pattern import DilationPattern
-from dilated_attn.registry import available_backends, available_pools, get_backend, get_pool
+from dilated_attn.registry import Capabilities, available_backends, available_pools, get_backend, get_pool
+from dilated_attn.request import Request
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Capabilities",
+    "Request",
     "DilatedAttention",
     "DilationPattern",
     "LongNetLM",

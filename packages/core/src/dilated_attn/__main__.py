@@ -35,8 +35,18 @@ def _plugins(as_json: bool) -> int:
                 "capabilities": dict(pool.capabilities),
             }
         )
+    failures = [
+        {
+            "plugin": f.source.plugin,
+            "distribution": f.source.distribution or "-",
+            "version": f.source.version or "-",
+            "stage": f.stage,
+            "error": f.error,
+        }
+        for f in registry.failures()
+    ]
     if as_json:
-        print(json.dumps(rows, indent=2, default=str))
+        print(json.dumps({"registered": rows, "failed": failures}, indent=2, default=str))
         return 0
     headers = ("kind", "name", "distribution", "version", "capabilities")
     table = [
@@ -53,6 +63,11 @@ def _plugins(as_json: bool) -> int:
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths)) + "  " + headers[-1])
     for row in table:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+    for f in failures:
+        print(
+            f"failed  {f['plugin']}  {f['distribution']}  {f['version']}  skipped: {f['stage']} failed: "
+            f"{f['error']}"
+        )
     return 0
 
 

@@ -10,13 +10,37 @@ from torch import nn
 
 from dilated_attn.functional import dilated_attention
 from dilated_attn.pattern import DilationPattern, check_mode
+from dilated_attn.registry import get_registry
+from dilated_attn.validation import check_bool, check_dropout, check_int, check_scale
+
+
+def _check_backend(backend: object, options: dict[str, Any]) -> str:
+    """A backend name whose declared options cover ``options`` (checked when the module is built)."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend={backend!r} must be a backend name (str)")
+    if backend == "auto":
+        if options:
+            raise TypeError(
+                f"unexpected keyword arguments {sorted(options)} with backend='auto'; backend-specific "
+                "options need the backend named (e.g. backend='ring', group=...)"
+            )
+        return backend
+    caps = get_registry().attention(backend).capabilities
+    unknown = sorted(set(options) - set(caps.options))
+    if unknown:
+        raise TypeError(
+            f"unexpected keyword arguments {unknown} for backend={backend!r}; it takes "
+            f"{sorted(caps.options) or 'none'}"
+        )
+    return backend
 
 
 class DilatedAttention(nn.Module):
     """Dilated attention on ``(b, n, h, d)`` tensors with a fixed pattern and backend.
 
-    Extra keyword arguments go to the backend (e.g. ``pattern=`` for "block_sparse", ``group=`` for
-    "ring").
+    ``causal`` is the default that ``forward(is_causal=None)`` inherits; ``forward(is_causal=True/False)``
+    overrides it for one call. Extra keyword arguments go to the named backend (``pattern=`` for
+    "block_sparse", ``group=`` for "ring") and must be options it declares.
     """
 
     def __init__(
@@ -34,10 +58,10 @@ class DilatedAttention(nn.Module):
         super().__init__()
         self.pattern = DilationPattern(segment_lengths, dilation_rates)
         self.mode = check_mode(mode)
-        self.causal = causal
-        self.scale = scale
-        self.attention_dropout = attention_dropout
-        self.backend = backend
+        self.causal = check_bool("causal", causal)
+        self.scale = scale if scale is None else check_scale(scale, 1)
+        self.attention_dropout = check_dropout(attention_dropout)
+        self.backend = _check_backend(backend, backend_kwargs)
         self.backend_kwargs = backend_kwargs
 
     @overload
@@ -49,6 +73,7 @@ class DilatedAttention(nn.Module):
         *,
         is_causal: bool | None = None,
         key_padding_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
         return_lse: Literal[False] = False,
     ) -> torch.Tensor: ...
 
@@ -61,6 +86,7 @@ class DilatedAttention(nn.Module):
         *,
         is_causal: bool | None = None,
         key_padding_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
         return_lse: Literal[True],
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -73,6 +99,7 @@ class DilatedAttention(nn.Module):
         *,
         is_causal: bool | None = None,
         key_padding_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
         return_lse: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -84,21 +111,26 @@ class DilatedAttention(nn.Module):
         *,
         is_causal: bool | None = None,
         key_padding_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
         return_lse: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """``q, k, v`` ``(b, n, h, d)`` -> ``(b, n, h, d)`` (and ``lse`` ``(b, n, h)``)."""
+        """``q`` ``(b, n, h, d)``, ``k, v`` ``(b, n, h_kv, d)`` -> ``(b, n, h, d)`` (and ``lse`` ``(b, n, h)``).
+
+        ``is_causal=None`` uses the module's ``causal``.
+        """
         return dilated_attention(
             q,
             k,
             v,
             self.pattern,
             mode=self.mode,
-            causal=self.causal if is_causal is None else is_causal,
+            causal=self.causal if is_causal is None else check_bool("is_causal", is_causal),
             scale=self.scale,
             dropout_p=self.attention_dropout if self.training else 0.0,
             return_lse=return_lse,
             backend=self.backend,
             key_padding_mask=key_padding_mask,
+            attn_mask=attn_mask,
             **self.backend_kwargs,
         )
 
@@ -111,10 +143,14 @@ class DilatedAttention(nn.Module):
 
 
 class MultiheadDilatedAttention(nn.Module):
-    """Multi-head dilated attention, ``batch_first`` like ``nn.MultiheadAttention``.
+    """Multi-head dilated attention, following ``nn.MultiheadAttention`` where it can.
 
     Projections, MAGNETO's sub-LayerNorm before ``out_proj``, and grouped-query attention
-    (``num_kv_heads < num_heads``) around any registered attention backend named by ``backend``.
+    (``num_kv_heads < num_heads``: K/V keep their heads and backends that take grouped heads read
+    them in place) around any registered attention backend named by ``backend``. ``causal`` is the
+    default that ``forward(is_causal=None)`` inherits. ``batch_first=True`` (the default) takes
+    ``(batch, seq, embed_dim)``; ``batch_first=False`` takes ``(seq, batch, embed_dim)`` like
+    ``nn.MultiheadAttention``'s default.
     """
 
     def __init__(
@@ -126,9 +162,11 @@ class MultiheadDilatedAttention(nn.Module):
         *,
         backend: str = "auto",
         mode: str = "longnet",
+        causal: bool = False,
         num_kv_heads: int | None = None,
         dropout: float = 0.0,
         bias: bool = True,
+        batch_first: bool = True,
         layer_norm: bool = True,
         layer_norm_eps: float = 1e-5,
         gamma_init: float = 1.0,
@@ -137,44 +175,45 @@ class MultiheadDilatedAttention(nn.Module):
         **backend_kwargs: Any,
     ) -> None:
         super().__init__()
-        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive int")
+        embed_dim = check_int("embed_dim", embed_dim)
+        num_heads = check_int("num_heads", num_heads)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
-        kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if (
-            isinstance(kv_heads, bool)
-            or not isinstance(kv_heads, int)
-            or kv_heads < 1
-            or num_heads % kv_heads
-        ):
-            raise ValueError(
-                f"num_kv_heads={num_kv_heads!r} must be a positive int dividing num_heads={num_heads}"
-            )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
+        kv_heads = num_heads if num_kv_heads is None else check_int("num_kv_heads", num_kv_heads)
+        if num_heads % kv_heads:
+            raise ValueError(f"num_kv_heads={num_kv_heads!r} must divide num_heads={num_heads}")
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.num_kv_heads = kv_heads
         self.head_dim = embed_dim // num_heads
+        self.batch_first = check_bool("batch_first", batch_first)
         self.gamma_init = gamma_init
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        bias = check_bool("bias", bias)
         kv_dim = kv_heads * self.head_dim
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.k_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
         self.v_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
-        self.norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps, **factory) if layer_norm else None
+        self.norm = (
+            nn.LayerNorm(embed_dim, eps=layer_norm_eps, **factory)
+            if check_bool("layer_norm", layer_norm)
+            else None
+        )
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.attention = DilatedAttention(
             segment_lengths,
             dilation_rates,
             mode=mode,
+            causal=causal,
             attention_dropout=dropout,
             backend=backend,
             **backend_kwargs,
         )
         self.reset_parameters()
+
+    @property
+    def causal(self) -> bool:
+        return self.attention.causal
 
     def reset_parameters(self) -> None:
         # MAGNETO: unit gain on q/k, gamma on the value and output paths.
@@ -193,40 +232,45 @@ class MultiheadDilatedAttention(nn.Module):
         query: torch.Tensor,
         key: torch.Tensor | None = None,
         value: torch.Tensor | None = None,
-        *,
-        is_causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
         need_weights: bool = False,
+        attn_mask: torch.Tensor | None = None,
+        *,
+        is_causal: bool | None = None,
     ) -> tuple[torch.Tensor, None]:
-        """``query`` ``(b, n, embed_dim)`` (key/value default to it) -> ``((b, n, embed_dim), None)``.
+        """``query`` ``(b, n, embed_dim)`` (``(n, b, embed_dim)`` when not batch_first; key/value default
+        to it) -> ``(output of the same layout, None)``.
 
-        ``key_padding_mask`` ``(b, n)`` bool marks keys (True) that are never attended.
+        ``key_padding_mask`` ``(b, n)`` bool marks keys (True) that are never attended; ``attn_mask``
+        is accepted only as a boolean mask that drops whole keys (see ``dilated_attention``);
+        ``is_causal=None`` uses the module's ``causal``.
         """
-        if need_weights:
+        if check_bool("need_weights", need_weights):
             raise ValueError("need_weights=True is not supported: dilated attention never forms the weights")
         key = query if key is None else key
         value = key if value is None else value
         for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
             if t.dim() != 3 or t.shape[-1] != self.embed_dim:
-                raise ValueError(
-                    f"{name}.shape={tuple(t.shape)} must be (batch, seq, embed_dim={self.embed_dim})"
-                )
+                layout = "batch, seq" if self.batch_first else "seq, batch"
+                raise ValueError(f"{name}.shape={tuple(t.shape)} must be ({layout}, embed_dim={self.embed_dim})")
         if key.shape[:2] != query.shape[:2] or value.shape[:2] != key.shape[:2]:
             raise ValueError(
                 f"query {tuple(query.shape)}, key {tuple(key.shape)} and value {tuple(value.shape)} must "
                 "share (batch, seq): dilated attention pairs positions segment by segment"
             )
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         b, n, _ = query.shape
         q = self.q_proj(query).view(b, n, self.num_heads, self.head_dim)
         k = self.k_proj(key).view(b, n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(value).view(b, n, self.num_kv_heads, self.head_dim)
-        if self.num_kv_heads != self.num_heads:
-            repeat = self.num_heads // self.num_kv_heads
-            k = k.repeat_interleave(repeat, dim=2)
-            v = v.repeat_interleave(repeat, dim=2)
-        out = self.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask)
-        assert isinstance(out, torch.Tensor)
+        out = self.attention(
+            q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask
+        )
         out = out.reshape(b, n, self.embed_dim)
         if self.norm is not None:
             out = self.norm(out)
-        return self.out_proj(out), None
+        out = self.out_proj(out)
+        return (out if self.batch_first else out.transpose(0, 1)), None

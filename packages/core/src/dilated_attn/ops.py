@@ -18,8 +18,8 @@ from dilated_attn.block_attention import (
     attention_forward,
     compute_dtype,
 )
-from dilated_attn.pattern import DilationPattern, check_mode
-from dilated_attn.plan import Group, PatternJob, gather, groups_for, segment_view
+from dilated_attn.pattern import PatternJob, jobs_for
+from dilated_attn.plan import Group, gather, groups_for, segment_view
 
 __all__ = [
     "PatternJob",
@@ -30,16 +30,6 @@ __all__ = [
     "attention_forward",
     "attention_backward",
 ]
-
-
-def jobs_for(pattern: DilationPattern, n: int, num_heads: int, mode: str) -> tuple[PatternJob, ...]:
-    """The jobs of ``pattern`` on a sequence of ``n`` rows with ``num_heads`` heads."""
-    check_mode(mode)
-    jobs = []
-    for (W, r), heads in zip(pattern.effective(n), pattern.head_sets(num_heads, mode)):
-        if len(heads):
-            jobs.append(PatternJob(W, r, tuple(heads)))
-    return tuple(jobs)
 
 
 def merge_lse(

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 MODES = ("longnet", "head_groups")
 
 
+# Positions and strides are 32-bit in the kernels; no real pattern comes near this.
+MAX_PATTERN_VALUE = 2**31 - 1
+
+
 def _as_int_tuple(name: str, values: object) -> tuple[int, ...]:
+    if hasattr(values, "tolist") and not isinstance(values, (str, bytes)):
+        values = values.tolist()  # numpy arrays and tensors of ints
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise TypeError(f"{name}={values!r} must be a sequence of positive ints")
     out = []
@@ -23,6 +29,8 @@ def _as_int_tuple(name: str, values: object) -> tuple[int, ...]:
             raise TypeError(f"{name}[{i}]={v!r} must be an int (got {type(v).__name__})")
         if v <= 0:
             raise ValueError(f"{name}[{i}]={v} must be a positive int")
+        if v > MAX_PATTERN_VALUE:
+            raise ValueError(f"{name}[{i}]={v} must be at most 2**31 - 1")
         out.append(int(v))
     if not out:
         raise ValueError(f"{name}={values!r} must name at least one pattern")
@@ -33,6 +41,15 @@ def check_mode(mode: object) -> str:
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} must be one of {MODES}")
     return mode  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class PatternJob:
+    """One pattern to run: effective segment length ``W = min(w, n)``, dilation, and its heads."""
+
+    segment: int
+    dilation: int
+    heads: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -55,6 +72,14 @@ class DilationPattern:
                 raise ValueError(f"dilation_rates[{i}]={ri} must be <= segment_lengths[{i}]={wi}")
         object.__setattr__(self, "segment_lengths", w)
         object.__setattr__(self, "dilation_rates", r)
+
+    @classmethod
+    def trusted(cls, segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> DilationPattern:
+        """A pattern from lists that came out of a validated one (e.g. across a custom-op boundary)."""
+        pattern = object.__new__(cls)
+        object.__setattr__(pattern, "segment_lengths", tuple(segment_lengths))
+        object.__setattr__(pattern, "dilation_rates", tuple(dilation_rates))
+        return pattern
 
     @classmethod
     def of(
@@ -89,6 +114,10 @@ class DilationPattern:
             start += size
         return sets
 
+    def jobs(self, seq_len: int, num_heads: int, mode: str) -> tuple[PatternJob, ...]:
+        """The patterns to run on ``num_heads`` heads of a sequence of ``seq_len`` rows (empty groups dropped)."""
+        return jobs_for(self, seq_len, num_heads, mode)
+
     def flops(
         self,
         seq_len: int,
@@ -112,3 +141,12 @@ class DilationPattern:
         if backward:
             total *= 3.5
         return total
+
+
+def jobs_for(pattern: DilationPattern, n: int, num_heads: int, mode: str) -> tuple[PatternJob, ...]:
+    """The jobs of ``pattern`` on a sequence of ``n`` rows with ``num_heads`` heads."""
+    jobs = []
+    for (W, r), heads in zip(pattern.effective(n), pattern.head_sets(num_heads, mode)):
+        if len(heads):
+            jobs.append(PatternJob(W, r, tuple(heads)))
+    return tuple(jobs)

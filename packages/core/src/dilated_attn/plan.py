@@ -15,14 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class PatternJob:
-    """One pattern to run: effective segment length ``W = min(w, n)``, dilation, and its heads."""
-
-    segment: int
-    dilation: int
-    heads: tuple[int, ...]
+from dilated_attn.pattern import PatternJob
 
 
 @dataclass(frozen=True)

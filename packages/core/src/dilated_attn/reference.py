@@ -13,7 +13,7 @@ from typing import Literal, overload
 import torch
 
 from dilated_attn.pattern import DilationPattern, check_mode
-from dilated_attn.validation import check_qkv, check_scale
+from dilated_attn.validation import check_bool, check_key_padding_mask, check_qkv, check_scale
 
 
 def _check_fits(batch: int, n: int, num_heads: int, device: torch.device) -> None:
@@ -120,11 +120,17 @@ def dilated_attention_reference(
     """Dense float64 dilated attention on ``(b, n, h, d)`` inputs.
 
     Returns float64 ``out`` ``(b, n, h, d)`` and, with ``return_lse``, float64 ``lse`` ``(b, n, h)``.
-    Rows with no key give 0 and ``lse = -inf`` with zero gradients. Differentiable.
+    Rows with no key give 0 and ``lse = -inf`` with zero gradients. Differentiable. ``k, v`` may
+    have fewer heads than ``q`` (grouped-query attention): they are repeated along heads.
     """
-    b, n, h, d = check_qkv(q, k, v, key_padding_mask=key_padding_mask)
+    b, n, h, h_kv, d = check_qkv(q, k, v)
+    key_padding_mask = check_key_padding_mask(key_padding_mask, b, n, q.device)
     pattern = DilationPattern.of(segment_lengths, dilation_rates)
+    check_mode(mode)
+    causal = check_bool("causal", causal)
     scale = check_scale(scale, d)
+    if h_kv != h:
+        k, v = (t.repeat_interleave(h // h_kv, dim=2) for t in (k, v))
     _check_fits(b, n, h, q.device)
     c = multiplicity(n, h, pattern, mode, causal, q.device)  # (h, n, n)
     bias = torch.log(c).unsqueeze(0)  # (1, h, n, n); -inf where c == 0

@@ -7,8 +7,7 @@ from typing import Any, Literal, overload
 
 import torch
 import torch.distributed as dist
-from dilated_attn.ops import jobs_for
-from dilated_attn.pattern import DilationPattern, check_mode
+from dilated_attn.pattern import DilationPattern, check_mode, jobs_for
 from dilated_attn.validation import check_qkv, check_scale
 
 from dilated_attn_ring.group import GroupInfo, check_agreement, resolve_group
@@ -133,7 +132,7 @@ def ring_dilated_attention(
     Forward and backward are collective: every rank must call this function with matching
     arguments, and must backpropagate through its output when any rank does.
     """
-    b, n_local, h, d = check_qkv(q, k, v)
+    b, n_local, h, _, d = check_qkv(q, k, v, enable_gqa=False)
     pattern = DilationPattern.of(segment_lengths, dilation_rates)
     check_mode(mode)
     if not isinstance(causal, bool):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from dilated_attn.ops import PatternJob
+from dilated_attn.pattern import PatternJob
 
 
 @dataclass(frozen=True)

@@ -195,7 +195,7 @@ def block_sparse_attention(
 
     The pattern's ``BlockMask`` is built on first use and cached (:data:`.cache.block_masks`).
     """
-    _, n, h, d = check_qkv(q, k, v)
+    _, n, h, _, d = check_qkv(q, k, v, enable_gqa=False)
     if not isinstance(pattern, SparsePattern):
         raise TypeError(
             f"pattern={pattern!r} must be a SparsePattern (e.g. dilated_attn_sparse.local_window(256))"

@@ -77,7 +77,7 @@ def masked_attention_reference(
     Returns float64 ``out`` ``(b, n, h, d)`` and, with ``return_lse``, float64 ``lse`` ``(b, n, h)``.
     Rows with no allowed key give 0 and ``lse = -inf``, with zero gradients. Differentiable.
     """
-    b, n, h, d = check_qkv(q, k, v)
+    b, n, h, _, d = check_qkv(q, k, v, enable_gqa=False)
     scale = check_scale(scale, d)
     if allowed.dtype != torch.bool or tuple(allowed.shape) != (h, n, n):
         raise ValueError(

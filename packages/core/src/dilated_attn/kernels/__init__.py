@@ -1,29 +1,9 @@
-"""Fused Triton kernels for dilated attention, registered as the "triton" backend.
+"""Fused Triton kernels for dilated attention, as the custom ops behind the "triton" backend.
 
-Importing this package imports Triton; ``dilated_attn.backends`` treats an ``ImportError`` here as
-"no Triton installed" and registers the portable backends only.
+Importing this package imports Triton; the backend (``dilated_attn.backends.triton``) imports it on
+its first call only.
 """
 
-from collections.abc import Callable
+from dilated_attn.kernels.op import DTYPES, MAX_HEAD_DIM, MIN_HEAD_DIM, triton_bwd, triton_fwd
 
-from dilated_attn.kernels.op import DTYPES, triton_dilated_attention
-
-
-def register_backends(register: Callable[..., None]) -> None:
-    """Register "triton": CUDA, fp16/bf16/fp32, both modes, causal, backward; preferred by ``auto``."""
-    register(
-        "triton",
-        triton_dilated_attention,
-        devices=("cuda",),
-        dtypes=DTYPES,
-        modes=("longnet", "head_groups"),
-        causal=True,
-        backward=True,
-        priority=20,
-        dropout=False,
-        head_dims=(16, 256),
-        description="fused Triton kernels: strided loads, online softmax, in-place LSE merge",
-    )
-
-
-__all__ = ["register_backends", "triton_dilated_attention"]
+__all__ = ["DTYPES", "MAX_HEAD_DIM", "MIN_HEAD_DIM", "triton_bwd", "triton_fwd"]

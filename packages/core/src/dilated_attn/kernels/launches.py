@@ -10,8 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from dilated_attn.ops import jobs_for
-from dilated_attn.pattern import DilationPattern
+from dilated_attn.pattern import DilationPattern, jobs_for
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,7 @@ def _plan(
     # The LSE merge is commutative; starting each head with an r == 1 pattern lets its first launch
     # overwrite uninitialised memory instead of merging into a zeroed buffer.
     jobs = sorted(
-        jobs_for(DilationPattern.of(segment_lengths, dilation_rates), n, num_heads, mode),
+        jobs_for(DilationPattern.trusted(segment_lengths, dilation_rates), n, num_heads, mode),
         key=lambda job: job.dilation != 1,
     )
     launches = []

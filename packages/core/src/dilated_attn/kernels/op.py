@@ -1,4 +1,4 @@
-"""The fused kernels as PyTorch operators, and the "triton" attention backend on top of them.
+"""The fused kernels as PyTorch operators (the "triton" backend in ``dilated_attn.backends.triton`` calls them).
 
 ``dilated_attn::triton_fwd`` and ``dilated_attn::triton_bwd`` are ``torch.library`` custom ops with
 fake (meta) implementations and registered autograd, so autograd, ``torch.compile(fullgraph=True)``
@@ -8,17 +8,13 @@ causal flag: make that call before capturing a graph.
 
 # No `from __future__ import annotations`: torch.library reads the real annotations to infer schemas.
 import contextlib
-from collections.abc import Sequence
-from typing import Any, Literal, Optional, overload
+from typing import Any, Optional
 
 import torch
 
 from dilated_attn.kernels.backward import backward_launch, compute_delta
 from dilated_attn.kernels.forward import forward_launch
 from dilated_attn.kernels.launches import plan_launches
-from dilated_attn.kernels.tuning import interpreting
-from dilated_attn.pattern import DilationPattern, check_mode
-from dilated_attn.validation import check_qkv, check_scale
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM = 16
@@ -117,107 +113,4 @@ def _backward(ctx: Any, dout: torch.Tensor, dlse: torch.Tensor | None) -> tuple:
 triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_inputs(q: torch.Tensor, dropout_p: float, backend_kwargs: dict) -> None:
-    if backend_kwargs:
-        raise TypeError(
-            f"backend='triton' got unsupported keyword arguments {sorted(backend_kwargs)}; it takes none"
-        )
-    if dropout_p != 0.0:
-        raise ValueError(f"dropout_p={dropout_p} is not supported by backend='triton' (it must be 0)")
-    if q.dtype not in DTYPES:
-        raise TypeError(f"q.dtype={q.dtype} is not supported by backend='triton'; it runs {DTYPES}")
-    d = q.shape[-1]
-    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
-        raise ValueError(
-            f"head_dim={d} is not supported by backend='triton'; it must be in "
-            f"[{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]"
-        )
-    if not (q.is_cuda or interpreting()):
-        raise ValueError(
-            f"q.device={q.device} is not supported by backend='triton'; it needs CUDA tensors "
-            "(or TRITON_INTERPRET=1 to run the kernels on the CPU interpreter)"
-        )
-
-
-@overload
-def triton_dilated_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    segment_lengths: Sequence[int] | DilationPattern,
-    dilation_rates: Sequence[int] | None = None,
-    *,
-    mode: str = "longnet",
-    causal: bool = False,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    return_lse: Literal[False] = False,
-    **backend_kwargs: Any,
-) -> torch.Tensor: ...
-
-
-@overload
-def triton_dilated_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    segment_lengths: Sequence[int] | DilationPattern,
-    dilation_rates: Sequence[int] | None = None,
-    *,
-    mode: str = "longnet",
-    causal: bool = False,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    return_lse: Literal[True],
-    **backend_kwargs: Any,
-) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-@overload
-def triton_dilated_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    segment_lengths: Sequence[int] | DilationPattern,
-    dilation_rates: Sequence[int] | None = None,
-    *,
-    mode: str = "longnet",
-    causal: bool = False,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    return_lse: bool = False,
-    **backend_kwargs: Any,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
-
-
-def triton_dilated_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    segment_lengths: Sequence[int] | DilationPattern,
-    dilation_rates: Sequence[int] | None = None,
-    *,
-    mode: str = "longnet",
-    causal: bool = False,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    return_lse: bool = False,
-    **backend_kwargs: Any,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Dilated attention of ``(b, n, h, d)`` tensors through the fused Triton kernels.
-
-    Returns ``out`` ``(b, n, h, d)`` in the input dtype, or ``(out, lse)`` with ``lse`` ``(b, n, h)``
-    float32 (``-inf`` on rows with no key). Differentiable in ``q, k, v`` (also through ``lse``).
-    """
-    check_qkv(q, k, v)
-    _check_inputs(q, dropout_p, backend_kwargs)
-    pattern = DilationPattern.of(segment_lengths, dilation_rates)
-    check_mode(mode)
-    scale = check_scale(scale, q.shape[-1])
-    out, lse = torch.ops.dilated_attn.triton_fwd(
-        q, k, v, list(pattern.segment_lengths), list(pattern.dilation_rates), mode, bool(causal), scale
-    )
-    return (out, lse) if return_lse else out
-
-
-__all__ = ["DTYPES", "triton_dilated_attention", "triton_fwd", "triton_bwd"]
+__all__ = ["DTYPES", "MIN_HEAD_DIM", "MAX_HEAD_DIM", "triton_fwd", "triton_bwd"]

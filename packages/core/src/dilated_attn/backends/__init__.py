@@ -1,7 +1,12 @@
-"""Core's own backends and pool, registered through the same hooks as any third-party plugin."""
+"""Core's own backends and pool, registered through the same hooks as any third-party plugin.
+
+Each backend lives in its own module and implements :class:`dilated_attn.request.AttentionBackend`;
+nothing heavy is imported until a backend first runs.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 
 import torch
@@ -13,34 +18,34 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 @hookimpl
 def dilated_attn_register_attention(register: Callable[..., None]) -> None:
-    """Register "reference" (the float64 oracle) and "sdpa" (gather + fused blocks + LSE merge)."""
-    from dilated_attn.functional import reference_dilated_attention, sdpa_dilated_attention
+    """Register "reference" (the float64 oracle), "sdpa" (gather + fused blocks + LSE merge) and,
+    where Triton is installed, "triton" (the fused kernels)."""
+    from dilated_attn.backends.reference import reference_backend
+    from dilated_attn.backends.sdpa import sdpa_backend
 
     register(
         "reference",
-        reference_dilated_attention,
-        devices=("cpu", "cuda"),
+        reference_backend,
         dtypes=_DTYPES,
         key_padding_mask=True,
-        dropout=False,
+        gqa=True,
         priority=-100,
         description="dense float64 oracle, O(h n^2)",
     )
     register(
         "sdpa",
-        sdpa_dilated_attention,
-        devices=("cpu", "cuda"),
+        sdpa_backend,
         dtypes=_DTYPES,
         key_padding_mask=True,
-        priority=10,
+        dropout=True,
         pool=True,
+        priority=10,
         description="per-pattern gather, fused SDPA kernels with LSE, exact LSE merge",
     )
-    try:
-        from dilated_attn.kernels import register_backends
-    except ImportError:
-        return
-    register_backends(register)
+    if importlib.util.find_spec("triton") is not None:
+        from dilated_attn.backends.triton import register_triton
+
+        register_triton(register)
 
 
 @hookimpl

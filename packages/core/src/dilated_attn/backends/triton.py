@@ -1,0 +1,50 @@
+"""The "triton" backend: the fused kernels of ``dilated_attn.kernels`` (imported on first use).
+
+Strided loads (no gather copies), online softmax, one launch per pattern merged in place. CUDA only,
+or the CPU under ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests at small sizes: they
+register ``triton_backend`` for the CPU under a name of their own).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from dilated_attn.pattern import DilationPattern
+from dilated_attn.request import Request
+
+# Kept in step with dilated_attn.kernels.op (checked by a test) so registering imports no Triton.
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HEAD_DIMS = (16, 256)
+
+
+def triton_backend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: DilationPattern, request: Request
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dilated attention through ``torch.ops.dilated_attn.triton_fwd`` (differentiable)."""
+    import dilated_attn.kernels  # noqa: F401 (registers the custom ops)
+
+    return torch.ops.dilated_attn.triton_fwd(
+        q,
+        k,
+        v,
+        list(pattern.segment_lengths),
+        list(pattern.dilation_rates),
+        request.mode,
+        request.causal,
+        request.scale,
+    )
+
+
+def register_triton(register: Callable[..., None]) -> None:
+    """Register "triton": CUDA, fp16/bf16/fp32, head_dim 16..256, preferred by ``auto``."""
+    register(
+        "triton",
+        triton_backend,
+        devices=("cuda",),
+        dtypes=DTYPES,
+        head_dims=HEAD_DIMS,
+        priority=20,
+        description="fused Triton kernels: strided loads, online softmax, in-place LSE merge",
+    )
