@@ -26,7 +26,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from dilated_attn import DilationPattern, dilated_attention
-from dilated_attn.kernels import triton_dilated_attention
 from dilated_attn.reference import dilated_attention_reference
 from dilated_attn.tolerances import TOLERANCES, relative_error
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -88,8 +87,6 @@ def _dilated_closures(
     q, k, v = tensors[:3]
 
     def attend() -> Any:
-        if backend == "triton":
-            return triton_dilated_attention(q, k, v, SEGMENTS, DILATIONS, mode=mode)
         return dilated_attention(q, k, v, SEGMENTS, DILATIONS, mode=mode, backend=backend)
 
     if not grad:
@@ -166,7 +163,7 @@ def _check(
 ) -> dict[str, Any]:
     g = torch.Generator(device=DEVICE).manual_seed(0)
     q, k, v = (torch.randn(shape, device=DEVICE, dtype=dtype, generator=g).requires_grad_() for _ in range(3))
-    out, lse = triton_dilated_attention(q, k, v, w, r, mode=mode, causal=causal, return_lse=True)
+    out, lse = dilated_attention(q, k, v, w, r, mode=mode, causal=causal, return_lse=True, backend="triton")
     grad_out = torch.randn(shape, device=DEVICE, dtype=dtype, generator=g)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -244,7 +241,7 @@ def forward_variants(
         return out
 
     with torch.no_grad():
-        reference = triton_dilated_attention(q, k, v, SEGMENTS, DILATIONS)
+        reference = dilated_attention(q, k, v, SEGMENTS, DILATIONS, backend="triton")
     rows = []
     for flags in VARIANT_FLAGS:
         for tile in tiles:

@@ -185,7 +185,7 @@ def _allocations(device: torch.device) -> int:
 def check_backend(backend: str) -> str | None:
     """Why ``backend`` cannot run the attention study (it must take a pool), or ``None``."""
     try:
-        takes_pool = bool(get_backend(backend).capabilities.extra.get("pool", False))
+        takes_pool = get_backend(backend).capabilities.pool
     except ValueError as exc:
         return str(exc)
     return None if takes_pool else f"--backend={backend!r} does not take a pool (no capability pool=True)"
