@@ -41,3 +41,25 @@ def register_plugin() -> Iterator[Callable[..., None]]:
     finally:
         for handle in handles:
             registry.unregister(handle)
+
+
+@pytest.fixture
+def usage_error(capsys: pytest.CaptureFixture[str]) -> Callable[..., str]:
+    """``usage_error(argv, *needles)``: ``main(argv)`` ends as argparse does on a bad argument (exit
+    status 2, the last line of stderr ``dilated-attn-bench <command>: error: ...``, holding every
+    needle, and no traceback); returns that line."""
+    from dilated_attn_bench.cli import main
+
+    def check(argv: list[str], *needles: str) -> str:
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2, info.value
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"dilated-attn-bench {argv[0]}: error: "), last
+        for needle in needles:
+            assert needle in last, (needle, last)
+        return last
+
+    return check

@@ -105,8 +105,9 @@ def test_failures_become_rows_and_the_run_continues(register_plugin):
     )
 
 
-def test_impossible_size_fails_fast_without_allocating(tmp_path):
+def test_impossible_size_fails_fast_without_allocating(tmp_path, capsys):
     # 2**31 tokens x 2 heads x 16 dims of fp32 is 256 GiB per tensor: more than this machine holds.
+    # No row completes, so the run reports everything and still exits 1.
     assert (
         main(
             [
@@ -125,8 +126,9 @@ def test_impossible_size_fails_fast_without_allocating(tmp_path):
                 str(tmp_path),
             ]
         )
-        == 0
+        == 1
     )
+    assert "no row completed (2 failed, 1 skipped of 3)" in capsys.readouterr().err
     rows = _by_name(read_json(tmp_path / "results.json")[0])
     assert rows["sdpa"].status == "failed: out of memory"
     assert any("inputs alone need" in note for note in rows["sdpa"].notes)

@@ -171,7 +171,7 @@ def test_csv_and_markdown_carry_the_same_rows(tiny_run):
     assert "n/a" in next(line for line in table_rows if line.startswith("| `sdpa`"))
 
 
-def test_backends_filter_and_unknown_name(tmp_path):
+def test_backends_filter_and_unknown_name(tmp_path, usage_error):
     args = [
         "--backends",
         "sdpa,segment-*,ref*",
@@ -189,24 +189,20 @@ def test_backends_filter_and_unknown_name(tmp_path):
     assert [r.implementation for r in records] == ["segment-ceiling", "sdpa"]
     assert all(r.fwd_bwd_ms is None and r.status == "ok" for r in records)
     assert records[1].grad_rel_error is None and records[1].rel_error < 1e-5
-    with pytest.raises(SystemExit, match="match no implementation"):
-        main(["run", *TINY, "--backends", "no-such-backend", "--output", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--exclude"):
-        main(["run", *TINY, "--exclude", "no-such-backend", "--output", str(tmp_path)])
+    usage_error(
+        ["run", *TINY, "--backends", "no-such-backend", "--output", str(tmp_path)], "match no implementation"
+    )
+    usage_error(["run", *TINY, "--exclude", "no-such-backend", "--output", str(tmp_path)], "--exclude")
 
 
-def test_non_positive_counts_are_refused(capsys):
+def test_non_positive_counts_are_refused(usage_error):
     for flag in ("--repeats", "--heads", "--warmup"):
-        with pytest.raises(SystemExit):
-            main(["run", *TINY, flag, "0"])
-        assert f"argument {flag}: '0' must be a positive int" in capsys.readouterr().err
+        usage_error(["run", *TINY, flag, "0"], f"argument {flag}: '0' must be a positive int")
 
 
-def test_bad_shape_flags_are_refused(tmp_path):
-    with pytest.raises(SystemExit, match="dilation_rates"):
-        main(["run", *TINY, "--dilations", "1,256", "--output", str(tmp_path)])
-    with pytest.raises(SystemExit, match="unknown|not a known preset"):
-        main(["run", "--preset", "longnet-2m", "--output", str(tmp_path)])
+def test_bad_shape_flags_are_refused(tmp_path, usage_error):
+    usage_error(["run", *TINY, "--dilations", "1,256", "--output", str(tmp_path)], "dilation_rates")
+    usage_error(["run", "--preset", "longnet-2m", "--output", str(tmp_path)], "longnet-2m", "not a preset")
 
 
 def test_default_cpu_run_is_cpu_quick():

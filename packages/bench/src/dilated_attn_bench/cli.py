@@ -1,298 +1,503 @@
-"""``dilated-attn-bench``: the ``run``, ``compare`` and ``pool`` subcommands."""
+"""``dilated-attn-bench``: parses first, then imports torch and the one command that runs.
+
+Commands: ``run`` (the report), ``compare`` (two runs), ``pool`` (buffer pools), ``kernel`` and
+``compile-check`` (the Triton kernels), ``sparse`` and ``flex-tuning`` (block-sparse attention),
+``ring`` (ring attention over GPUs, under ``torchrun``). Every argument is checked here or where the
+command starts, before anything is measured: a bad one ends the command with one line
+``dilated-attn-bench <command>: error: ...`` and exit status 2, as argparse does.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import fnmatch
+import importlib
+import importlib.util
 import json
+import math
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-import torch
-
-from dilated_attn_bench import compare as compare_mod
-from dilated_attn_bench import pool_bench
-from dilated_attn_bench.baselines import SegmentCeiling, dense_baselines
-from dilated_attn_bench.distributed import init_world, shutdown
-from dilated_attn_bench.environment import default_output_dir, describe
-from dilated_attn_bench.implementations import Implementation
-from dilated_attn_bench.outputs import console_table, write_reports
-from dilated_attn_bench.presets import (
+from dilated_attn_bench.choices import (
     CPU_DEFAULT_PRESETS,
-    DTYPES,
+    DTYPE_NAMES,
+    FLEX_TUNING_KINDS,
     GPU_DEFAULT_PRESETS,
-    PRESETS,
-    Overrides,
-    expand,
+    MODES,
+    PRESET_NAMES,
+    SPARSE_KINDS,
 )
-from dilated_attn_bench.records import Record, read_json
-from dilated_attn_bench.registered import registered_backends
-from dilated_attn_bench.report import headline
-from dilated_attn_bench.runner import Settings, run
 
-# Per device: (warm-up calls, timed calls at most, seconds of timed calls a phase aims for, a first
-# call slower than this many seconds is the only sample). Nothing compiles on the CPU paths, so there
-# a call of many seconds is timed once rather than warmed up: cpu-quick's float64 oracle row would
-# otherwise take most of the two minutes the CPU run has.
-TIMING_DEFAULTS: dict[str, tuple[int, int, float, float | None]] = {
-    "cuda": (3, 20, 2.0, None),
-    "cpu": (1, 3, 1.0, 5.0),
-}
+PROG = "dilated-attn-bench"
 DENSE_MAX_SEQ = 262_144
-# Rows as they finish, one JSON record a line; removed once the full report is written.
-PARTIAL = "results.partial.jsonl"
+# The kernel study's default tiles for --variants: BLOCK_M, BLOCK_N, warps, stages.
+VARIANT_TILES = ((128, 64, 8, 4), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3))
 
 
-def _ints(text: str) -> list[int]:
+class UsageError(Exception):
+    """A bad argument found once the command has started: reported as argparse reports its own."""
+
+
+# -- argument types: each names the value and the rule ------------------------------------------------
+
+
+def _number(kind: type[int] | type[float], text: str) -> int | float:
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} must be comma-separated ints, e.g. 2048,4096") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite {kind.__name__}")
+    return value
 
 
-def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+def positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
     def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            value = 0
+        value = _number(kind, text)
         if value <= 0:
             raise argparse.ArgumentTypeError(f"{text!r} must be a positive {kind.__name__}")
         return value
 
+    parse.__name__ = f"positive {kind.__name__}"
     return parse
 
 
-def _names(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+def non_negative(kind: type[int] | type[float]) -> Callable[[str], Any]:
+    def parse(text: str) -> int | float:
+        value = _number(kind, text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be a {kind.__name__} >= 0")
+        return value
+
+    parse.__name__ = f"non-negative {kind.__name__}"
+    return parse
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device=cuda: no CUDA device is available (use --device cpu or auto)")
-    return torch.device(name)
+def fraction(text: str) -> float:
+    """A relative change in [0, 1)."""
+    value = _number(float, text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 1)")
+    return value
 
 
-def _matching(flag: str, patterns: Sequence[str], names: Sequence[str]) -> set[str]:
-    unknown = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
-    if unknown:
-        raise SystemExit(f"{flag}: {unknown} match no implementation; known: {list(names)}")
-    return {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
-
-
-def select_implementations(
-    include: Sequence[str] | None, exclude: Sequence[str] | None = None
-) -> list[Implementation]:
-    """Kept by ``--backends`` and dropped by ``--exclude`` globs, cheapest first.
-
-    The segment ceiling comes first (every ratio needs it), the quadratic dense baselines last, so
-    that a run cut short still holds the dilated rows.
-    """
-    available: list[Implementation] = [SegmentCeiling(), *registered_backends(), *dense_baselines()]
-    names = [impl.name for impl in available]
-    clashes = {name for name in names if names.count(name) > 1}
-    if clashes:
-        raise SystemExit(
-            f"registered backend name(s) {sorted(clashes)} clash with bench baselines; rename them"
-        )
-    keep = _matching("--backends", include, names) if include else set(names)
-    keep -= _matching("--exclude", exclude, names) if exclude else set()
-    return [impl for impl in available if impl.name in keep]
-
-
-def _run(args: argparse.Namespace) -> int:
-    device = resolve_device(args.device)
-    world, device = init_world(device)
-    try:
-        presets = args.preset or (GPU_DEFAULT_PRESETS if device.type == "cuda" else CPU_DEFAULT_PRESETS)
-        overrides = Overrides(
-            batch=args.batch,
-            seq_len=args.seq,
-            heads=args.heads,
-            head_dim=args.dim,
-            dtype=DTYPES[args.dtype] if args.dtype else None,
-            segment_lengths=args.segments,
-            dilation_rates=args.dilations,
-            causal=args.causal,
-            mode=args.mode,
-        )
+def _list(item: Callable[[str], Any], example: str) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        parts = [part.strip() for part in text.split(",") if part.strip()]
+        if not parts:
+            raise argparse.ArgumentTypeError(f"{text!r} is empty; expected e.g. {example}")
         try:
-            workloads = expand(presets, overrides)
-        except (TypeError, ValueError) as exc:
-            raise SystemExit(f"dilated-attn-bench run: {exc}") from None
-        implementations = select_implementations(args.backends, args.exclude)
-        warmup, repeats, budget, once_past_s = TIMING_DEFAULTS[device.type]
-        settings = Settings(
-            device=device,
-            warmup=warmup if args.warmup is None else args.warmup,
-            repeats=repeats if args.repeats is None else args.repeats,
-            budget_s=budget if args.phase_budget is None else args.phase_budget,
-            backward=not args.no_backward,
-            dense_max_seq=args.dense_max_seq,
-            once_past_s=once_past_s,
-        )
-        out_dir = args.output or default_output_dir(args.commit)
-        partial = out_dir / PARTIAL
-        if world.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            partial.write_text("")
+            return [item(part) for part in parts]
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
-        def keep(record: Record) -> None:
-            # A run killed by a time limit still leaves every finished row behind.
-            with partial.open("a") as handle:
-                handle.write(json.dumps(dataclasses.asdict(record)) + "\n")
-
-        records = run(implementations, workloads, settings, world, on_record=keep if world.is_main else None)
-        if not world.is_main:
-            return 0
-        meta = describe(device, world.size, args.commit)
-        parameters = {
-            "device": str(device),
-            "presets": ", ".join(presets),
-            "workloads": "; ".join(
-                f"{w.preset}: {w.describe()}, segments {list(w.segment_lengths)}, "
-                f"dilations {list(w.dilation_rates)}"
-                for w in workloads
-            ),
-            "implementations": ", ".join(impl.name for impl in implementations),
-            "warm-up calls": settings.warmup,
-            "timed calls (at most)": settings.repeats,
-            "seconds of timed calls per phase (fewer calls past it)": settings.budget_s,
-            "backward": settings.backward,
-            "dense-max-seq": settings.dense_max_seq,
-            "world size": world.size,
-        }
-        paths = write_reports(out_dir, records, meta, parameters)
-        partial.unlink()
-        print(console_table(records))
-        print()
-        print(headline(records).replace("**", ""))
-        print(f"wrote {', '.join(str(p) for p in paths)}")
-        return 0
-    finally:
-        shutdown(world)
+    parse.__name__ = "list"
+    return parse
 
 
-def _compare(args: argparse.Namespace) -> int:
-    a, _ = read_json(args.a)
-    b, _ = read_json(args.b)
-    print(compare_mod.render(*compare_mod.compare(a, b, threshold=args.threshold)))
-    return 0
+positive_ints = _list(positive(int), "2048,4096")
 
 
-def _pool(args: argparse.Namespace) -> int:
-    device = resolve_device(args.device)
-    budget = int(args.budget_mb * 2**20)
-    shapes = pool_bench.workspace_shapes(args.seq, args.heads, args.dim)
-    results = pool_bench.bench_pools(
-        device,
-        budget_bytes=budget,
-        shapes=shapes,
-        pairs=args.pairs,
-        steps=args.steps,
-        held=args.held,
-    )
-    print(
-        pool_bench.render(
-            results, device=device, budget_bytes=budget, shapes=shapes, steps=args.steps, held=args.held
-        )
-    )
-    return 0
+def densities(text: str) -> list[float]:
+    values = _list(positive(float), "0.01,0.05")(text)
+    if any(v > 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: block densities must be in (0, 1]")
+    return values
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dilated-attn-bench",
-        description="Benchmark every registered dilated-attention backend against dense and segment "
-        "baselines.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+def names(text: str) -> list[str]:
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"{text!r} names nothing")
+    return parts
 
+
+def one_of(known: Sequence[str], what: str) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        chosen = names(text)
+        unknown = [c for c in chosen if c not in known]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"{', '.join(unknown)}: not {what}; known: {', '.join(known)}")
+        return chosen
+
+    parse.__name__ = what
+    return parse
+
+
+def tiles(text: str) -> list[tuple[int, int, int, int]]:
+    """``'128,64,8,4;128,128,8,3'``: tiles of four positive ints (BLOCK_M, BLOCK_N, warps, stages)."""
+    out = []
+    for group in (g for g in text.split(";") if g.strip()):
+        values = _list(positive(int), "128,64,8,4")(group)
+        if len(values) != 4:
+            raise argparse.ArgumentTypeError(f"{group!r} must be BLOCK_M,BLOCK_N,warps,stages (4 ints)")
+        out.append((values[0], values[1], values[2], values[3]))
+    if not out:
+        raise argparse.ArgumentTypeError(f"{text!r} names no tile")
+    return out
+
+
+def json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a JSON object")
+    return value
+
+
+def json_objects(text: str) -> list[dict[str, Any]]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({exc.msg})") from None
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a JSON list of objects")
+    return value
+
+
+# -- paths: checked before anything is measured ---------------------------------------------------------
+
+
+def _probe(flag: str, folder: Path) -> None:
+    # A file actually created, not os.access: that answers yes to root on a read-only mount.
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{flag}={str(folder)!r}: cannot write there ({exc.strerror or exc})") from None
+
+
+def writable_dir(flag: str, path: Path) -> Path:
+    """``path``, created if needed, once a file could be written into it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{flag}={str(path)!r}: cannot create the folder ({exc.strerror or exc})") from None
+    _probe(flag, path)
+    return path
+
+
+def writable_file(flag: str, path: Path) -> Path:
+    """``path``, once it is no folder and a file could be written beside it (its folder is created)."""
+    if path.is_dir():
+        raise UsageError(f"{flag}={str(path)!r} is a folder; give a file name")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{flag}={str(path)!r}: cannot create its folder ({exc.strerror or exc})") from None
+    _probe(flag, parent)
+    return path
+
+
+# -- the parser ------------------------------------------------------------------------------------------
+
+
+def _run_parser(sub: Any) -> None:
     p = sub.add_parser("run", help="time, memory, TFLOP/s and correctness; writes a report folder")
     p.add_argument(
         "--preset",
-        type=_names,
+        type=one_of(PRESET_NAMES, "a preset"),
         action="extend",
-        help=f"one or more of {', '.join(PRESETS)} (default: {', '.join(GPU_DEFAULT_PRESETS)} on a "
+        help=f"one or more of {', '.join(PRESET_NAMES)} (default: {', '.join(GPU_DEFAULT_PRESETS)} on a "
         f"GPU, {', '.join(CPU_DEFAULT_PRESETS)} on a CPU)",
     )
-    p.add_argument("--batch", type=_ints, help="batch sizes, comma-separated (overrides the preset's)")
-    p.add_argument("--seq", type=_ints, help="sequence lengths, comma-separated")
-    p.add_argument("--heads", type=_positive(int))
-    p.add_argument("--dim", type=_positive(int), help="head dimension")
-    p.add_argument("--segments", type=_ints, help="segment lengths, comma-separated")
-    p.add_argument("--dilations", type=_ints, help="dilation rates, comma-separated")
-    p.add_argument("--dtype", choices=sorted(DTYPES))
+    p.add_argument(
+        "--batch", type=positive_ints, help="batch sizes, comma-separated (overrides the preset's)"
+    )
+    p.add_argument("--seq", type=positive_ints, help="sequence lengths, comma-separated")
+    p.add_argument("--heads", type=positive(int))
+    p.add_argument("--dim", type=positive(int), help="head dimension")
+    p.add_argument("--segments", type=positive_ints, help="segment lengths, comma-separated")
+    p.add_argument("--dilations", type=positive_ints, help="dilation rates, comma-separated")
+    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES))
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--mode", choices=("longnet", "head_groups"))
+    p.add_argument("--mode", choices=MODES)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument(
-        "--backends", type=_names, help="implementations to run: names or globs, e.g. 'sdpa,dense-*'"
+        "--backends", type=names, help="implementations to run: names or globs, e.g. 'sdpa,dense-*'"
     )
     p.add_argument(
         "--exclude",
-        type=_names,
+        type=names,
         help="implementations not to run, e.g. 'reference' (the O(h n^2) float64 oracle) at long lengths",
     )
-    p.add_argument("--repeats", type=_positive(int), help="timed calls per phase, at most")
-    p.add_argument("--warmup", type=_positive(int), help="untimed calls before timing")
-    p.add_argument("--phase-budget", type=_positive(float), help="seconds of timed calls a phase aims for")
+    p.add_argument("--repeats", type=positive(int), help="timed calls per phase, at most")
+    p.add_argument("--warmup", type=positive(int), help="untimed calls before timing")
+    p.add_argument("--phase-budget", type=positive(float), help="seconds of timed calls a phase aims for")
     p.add_argument("--no-backward", action="store_true", help="time the forward only")
     p.add_argument(
         "--dense-max-seq",
-        type=_positive(int),
+        type=positive(int),
         default=DENSE_MAX_SEQ,
         help="skip dense baselines past this length (default %(default)s)",
     )
     p.add_argument("--commit", help="the commit to report where the working directory is no git checkout")
     p.add_argument("--output", type=Path, help="report folder (default bench-results/<date>-<commit>)")
-    p.set_defaults(func=_run)
+    p.set_defaults(command="dilated_attn_bench.commands:run_command")
 
-    c = sub.add_parser("compare", help="speedups and regressions of run B over run A")
+
+def _compare_parser(sub: Any) -> None:
+    c = sub.add_parser(
+        "compare",
+        help="speedups and regressions of run B over run A; exit status 1 on a regression",
+        description="Speedups and regressions of run B over run A. A row is slower only past the "
+        "threshold and past both runs' measured p10-p90 spread; the exit status is 1 when some row "
+        "regressed (slower, mixed, or failing in B only), so that it can gate.",
+    )
     c.add_argument("a", type=Path, help="results.json of the baseline run")
     c.add_argument("b", type=Path, help="results.json of the new run")
     c.add_argument(
         "--threshold",
-        type=float,
-        default=compare_mod.DEFAULT_THRESHOLD,
-        help="relative change read as noise (default %(default)s)",
+        type=fraction,
+        default=0.05,
+        help="relative change read as noise, in [0, 1) (default %(default)s)",
     )
-    c.set_defaults(func=_compare)
+    c.set_defaults(command="dilated_attn_bench.commands:compare_command")
 
-    q = sub.add_parser("pool", help="acquire/release cost and a memory report of every registered pool")
+
+def _pool_parser(sub: Any) -> None:
+    q = sub.add_parser(
+        "pool", help="buffer pools: acquire/release cost, memory report, raw ledgers, attention with a pool"
+    )
     q.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    q.add_argument("--out", type=Path, help="also write every number as JSON here")
     q.add_argument(
         "--budget-mb",
-        type=_positive(float),
+        type=positive(float),
         default=64.0,
-        help="each pool's budget_bytes in MB (default %(default)s: the replay evicts)",
+        help="each pool's budget_bytes in MB for the replay (default %(default)s: the replay evicts)",
     )
     q.add_argument(
         "--seq",
-        type=_ints,
+        type=positive_ints,
         default=[1024, 1536, 2048, 3072, 4096],
         help="workspace lengths of the replayed workload",
     )
-    q.add_argument("--heads", type=_positive(int), default=16)
-    q.add_argument("--dim", type=_positive(int), default=64)
+    q.add_argument("--heads", type=positive(int), default=16)
+    q.add_argument("--dim", type=positive(int), default=64)
+    q.add_argument("--pairs", type=positive(int), default=2000, help="acquire/release pairs per timed round")
+    q.add_argument("--repeats", type=positive(int), default=7, help="timed rounds per measurement (median)")
+    q.add_argument("--steps", type=positive(int), default=200, help="acquires in the replayed workload")
     q.add_argument(
-        "--pairs", type=_positive(int), default=2000, help="acquire/release pairs per timing round"
+        "--held", type=positive(int), default=4, help="leases held at once in the replayed workload"
     )
-    q.add_argument("--steps", type=_positive(int), default=200, help="acquires in the replayed workload")
+    q.add_argument("--no-attention", action="store_true", help="leave out the attention forwards")
     q.add_argument(
-        "--held", type=_positive(int), default=4, help="leases held at once in the replayed workload"
+        "--backend",
+        default="sdpa",
+        help="attention backend; it must take a pool (capability pool=True), which 'auto' may not pick",
     )
-    q.set_defaults(func=_pool)
+    q.add_argument(
+        "--calls", type=positive(int), help="forwards per attention round (default 40 GPU, 15 CPU)"
+    )
+    q.add_argument(
+        "--attention-budget-mb",
+        type=positive(float),
+        default=512.0,
+        help="budget_bytes of the attention pools in MB (default %(default)s)",
+    )
+    q.set_defaults(command="dilated_attn_bench.commands:pool_command", calls=0)
+
+
+def _kernel_parser(sub: Any) -> None:
+    k = sub.add_parser(
+        "kernel",
+        help="the Triton kernels on a GPU: correctness, TFLOP/s beside the segment ceiling, memory, longest runs",
+        description="In one process: autotuning on the longnet-1m shape, correctness against the float64 "
+        "oracle at medium sizes, longnet-1m (bf16, b=1, n=2^20, h=16, d=64) forward and forward+backward "
+        "TFLOP/s beside the segment ceiling (cuDNN and flash SDPA on (n/2048, 16, 2048, 64)), the "
+        "head_groups forward beside the gather+SDPA path, peak memory beyond the inputs, and the longest "
+        "sequences that run. Prints markdown tables; --out gets every number as JSON. Needs CUDA and Triton.",
+    )
+    k.add_argument("--out", type=Path, required=True, help="path of the JSON results")
+    k.add_argument("--n", type=positive(int), default=1 << 20, help="sequence length of the throughput runs")
+    k.add_argument(
+        "--longest",
+        type=positive_ints,
+        default=[2097152, 4194304, 8388608],
+        help="lengths tried for the longest runs",
+    )
+    k.add_argument(
+        "--variants",
+        action="store_true",
+        help="only time the forward under each kernel variant (tensor descriptors or pointer loads, tiles)",
+    )
+    k.add_argument(
+        "--variant-tiles",
+        type=tiles,
+        default=list(VARIANT_TILES),
+        help="tiles for --variants: 'BLOCK_M,BLOCK_N,warps,stages;...'",
+    )
+    k.set_defaults(command="dilated_attn_bench.kernel:main", needs=("triton",))
+
+
+def _compile_check_parser(sub: Any) -> None:
+    k = sub.add_parser(
+        "compile-check",
+        help="compile every Triton autotuning candidate for a GPU target, no GPU needed",
+        description="For each kernel and candidate tile: registers, spilled bytes (stack), shared memory and "
+        "whether the block products use wgmma. Needs the ptxas/cuobjdump that ship with Triton, not a GPU. "
+        "A compile check, not a speed measurement.",
+    )
+    k.add_argument("--arch", type=positive(int), default=90, help="compute capability, e.g. 90 for H100/H200")
+    k.set_defaults(command="dilated_attn_bench.compile_check:main", needs=("triton",))
+
+
+def _sparse_parser(sub: Any) -> None:
+    s = sub.add_parser(
+        "sparse",
+        help="block-sparse attention against dense cuDNN attention on one GPU (needs dilated-attn-sparse)",
+        description="For each block density, times block_sparse_attention (forward, forward+backward) with "
+        "local_window, random_blocks and dilated_blocks patterns sized to that density, and dense SDPA on the "
+        "same shape; reports time / (dense time x density), target <= 1.3. A correctness check against the "
+        "float64 reference at a small length runs first. --device cpu runs the same steps at a toy size.",
+    )
+    s.add_argument("--out", type=Path, required=True, help="where to write the full results (JSON)")
+    s.add_argument("--md", type=Path, help="also write a markdown summary here")
+    s.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    s.add_argument("--n", type=positive(int), default=262_144, help="sequence length")
+    s.add_argument("--heads", type=positive(int), default=16)
+    s.add_argument("--head-dim", type=positive(int), default=64)
+    s.add_argument("--block-size", type=positive(int), default=128)
+    s.add_argument(
+        "--densities", type=densities, default=[0.01, 0.05, 0.25], help="block densities in (0, 1]"
+    )
+    s.add_argument("--kinds", type=one_of(SPARSE_KINDS, "a pattern kind"), default=list(SPARSE_KINDS))
+    s.add_argument("--check-n", type=positive(int), default=1000, help="length of the correctness check")
+    s.add_argument("--check-fp32", action="store_true", help="also check float32 (one more compile)")
+    s.add_argument("--skip-check", action="store_true")
+    s.add_argument(
+        "--budget", type=non_negative(float), default=0.5, help="seconds of timed repetitions per measurement"
+    )
+    s.add_argument(
+        "--kernel-options",
+        type=json_object,
+        default=None,
+        help="FlexAttention options, e.g. '{\"BLOCK_M\": 128}'",
+    )
+    s.set_defaults(command="dilated_attn_bench.sparse:main", needs=("dilated_attn_sparse",))
+
+
+def _flex_tuning_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "flex-tuning",
+        help="a sweep of FlexAttention kernel options for block-sparse attention (needs dilated-attn-sparse)",
+        description="Measures dense SDPA once, then for each pattern kind sized to the block density times "
+        "block_sparse_attention under each candidate kernel_options (forward candidates, backward candidates, "
+        "--extra-options, then the best forward merged with the best backward). Each result is compared with "
+        "the default options' (err_vs_default); one past 2e-2 is suspect and never chosen. The JSON file is "
+        "rewritten after every timing. --device cpu is a smoke test at a toy size.",
+    )
+    p.add_argument("--out", type=Path, required=True, help="where to write the full results (JSON)")
+    p.add_argument("--md", type=Path, help="also write the markdown table here")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--n", type=positive(int), help="sequence length (default 262144 on CUDA, 1024 on CPU)")
+    p.add_argument("--heads", type=positive(int), help="default 16 on CUDA, 2 on CPU")
+    p.add_argument("--head-dim", type=positive(int), help="default 64 on CUDA, 16 on CPU")
+    p.add_argument("--block-size", type=positive(int), default=128)
+    p.add_argument("--density", type=densities, default=[0.05], help="block density, or a comma list")
+    p.add_argument(
+        "--kinds", type=one_of(FLEX_TUNING_KINDS, "a pattern kind"), default=list(FLEX_TUNING_KINDS)
+    )
+    p.add_argument(
+        "--candidates",
+        default="both",
+        choices=("fwd", "bwd", "both", "none"),
+        help="built-in candidate lists to run (--extra-options candidates always run)",
+    )
+    p.add_argument(
+        "--extra-options",
+        type=json_objects,
+        default=[],
+        help="JSON list of more kernel_options dicts, timed forward and forward+backward",
+    )
+    p.add_argument(
+        "--max-candidates", type=positive(int), help="run only the first N candidates of each built-in list"
+    )
+    p.add_argument("--no-combine", action="store_true", help="skip the best-forward + best-backward run")
+    p.add_argument(
+        "--budget", type=non_negative(float), default=0.5, help="seconds of timed repetitions per measurement"
+    )
+    p.add_argument(
+        "--max-seconds",
+        type=non_negative(float),
+        default=420.0,
+        help="no candidate starts after this many seconds; the rest are recorded as skipped",
+    )
+    p.add_argument(
+        "--dense-from",
+        type=Path,
+        help="take the dense timings from this earlier flex-tuning / sparse JSON instead of measuring",
+    )
+    p.set_defaults(command="dilated_attn_bench.flex_tuning:main", needs=("dilated_attn_sparse",))
+
+
+def _ring_parser(sub: Any) -> None:
+    r = sub.add_parser(
+        "ring",
+        help="exactness and weak scaling of ring attention on GPUs over NCCL (needs dilated-attn-ring)",
+        description="Run under torchrun: 'torchrun --nproc-per-node N -m dilated_attn_bench ring --out ring.json' "
+        "(plain 'dilated-attn-bench ring' runs the one-GPU baseline only). Checks every rank's chunk against "
+        "the float64 oracle at a small size, then times longnet-1m settings with --n-local tokens per GPU on "
+        "one GPU and on all of them, and with a pattern spanning every GPU. Rank 0 prints a table and "
+        "writes --out.",
+    )
+    r.add_argument("--out", type=Path, required=True, help="JSON results (written by rank 0)")
+    r.add_argument("--n-local", type=positive(int), default=1 << 20, help="tokens per GPU (default 1M)")
+    r.add_argument("--iters", type=positive(int), default=5)
+    r.add_argument("--warmup", type=positive(int), default=2)
+    r.add_argument("--no-spanning", action="store_true", help="skip the whole-sequence pattern")
+    r.set_defaults(command="dilated_attn_bench.ring:main", needs=("dilated_attn_ring",))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Benchmark every registered dilated-attention backend against dense and segment "
+        "baselines, and the studies of the kernels, pools, block-sparse and ring attention.",
+    )
+    sub = parser.add_subparsers(dest="name", required=True, metavar="command")
+    for add in (
+        _run_parser,
+        _compare_parser,
+        _pool_parser,
+        _kernel_parser,
+        _compile_check_parser,
+        _sparse_parser,
+        _flex_tuning_parser,
+        _ring_parser,
+    ):
+        add(sub)
+    for name, subparser in sub.choices.items():
+        subparser.set_defaults(parser=subparser)
+        subparser.prog = f"{PROG} {name}"
     return parser
+
+
+# Distributions that provide each optional import, for the one-line message when one is missing.
+_DISTRIBUTIONS = {
+    "triton": "triton (it ships with PyTorch's CUDA wheels)",
+    "dilated_attn_sparse": "dilated-attn-sparse (pip install ./packages/sparse)",
+    "dilated_attn_ring": "dilated-attn-ring (pip install ./packages/ring)",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    subparser: argparse.ArgumentParser = args.parser
+    for module in getattr(args, "needs", ()):
+        if importlib.util.find_spec(module) is None:
+            subparser.error(f"needs {_DISTRIBUTIONS[module]}, which is not installed")
+    module_name, function = args.command.split(":")
+    try:
+        return int(getattr(importlib.import_module(module_name), function)(args))
+    except UsageError as exc:
+        subparser.error(str(exc))
 
 
 if __name__ == "__main__":

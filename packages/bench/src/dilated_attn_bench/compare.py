@@ -1,4 +1,9 @@
-"""``compare A.json B.json``: the speedup of B over A for every row the two runs share."""
+"""``compare A.json B.json``: the speedup of B over A for every row the two runs share.
+
+A row is slower or faster only when its median moved past ``threshold`` *and* past the spread
+measured in both runs: B's p10 above A's p90 (slower), or B's p90 below A's p10 (faster). Rows
+whose spread is unknown (an older results file) are judged by the threshold alone.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +32,22 @@ def _speedup(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def _verdict(a: Record, b: Record, speedups: Sequence[float | None], threshold: float) -> str:
+def _phase_change(a: Record, b: Record, prefix: str, threshold: float) -> int | None:
+    """-1 slower, +1 faster, 0 within the threshold or the spread, ``None`` when not measured in both."""
+    a_ms, b_ms = getattr(a, f"{prefix}ms"), getattr(b, f"{prefix}ms")
+    if a_ms is None or not b_ms:
+        return None
+    speedup = a_ms / b_ms
+    a_lo, a_hi = getattr(a, f"{prefix}p10_ms"), getattr(a, f"{prefix}p90_ms")
+    b_lo, b_hi = getattr(b, f"{prefix}p10_ms"), getattr(b, f"{prefix}p90_ms")
+    if speedup < 1 - threshold and (a_hi is None or b_lo is None or b_lo > a_hi):
+        return -1
+    if speedup > 1 + threshold and (a_lo is None or b_hi is None or b_hi < a_lo):
+        return 1
+    return 0
+
+
+def _verdict(a: Record, b: Record, threshold: float) -> str:
     if a.ok and not b.ok:
         # A skip is a change of coverage (flags, capabilities), not of speed.
         return (
@@ -37,9 +57,9 @@ def _verdict(a: Record, b: Record, speedups: Sequence[float | None], threshold: 
         return f"now measured (was {a.status})" if a.status.startswith(SKIPPED) else f"fixed (was {a.status})"
     if not a.ok:
         return "neither ok"
-    known = [s for s in speedups if s is not None]
-    slower = any(s < 1 - threshold for s in known)
-    faster = any(s > 1 + threshold for s in known)
+    known = [_phase_change(a, b, prefix, threshold) for prefix in ("time_", "fwd_bwd_")]
+    slower = -1 in known
+    faster = 1 in known
     if slower and faster:
         return "mixed"
     if slower:
@@ -59,10 +79,15 @@ def compare(
         if ra is None:
             continue
         speedups = (_speedup(ra.time_ms, rb.time_ms), _speedup(ra.fwd_bwd_ms, rb.fwd_bwd_ms))
-        changes.append(Change(ra, rb, *speedups, _verdict(ra, rb, speedups, threshold)))
+        changes.append(Change(ra, rb, *speedups, _verdict(ra, rb, threshold)))
     only_a = [r for r in a if r.key() not in b_keys]
     only_b = [r for r in b if r.key() not in by_key]
     return changes, only_a, only_b
+
+
+def is_regression(change: Change) -> bool:
+    """Slower past the spread in some phase ("mixed" included), or ok in A and failing in B."""
+    return change.verdict.startswith("regression") or change.verdict == "mixed"
 
 
 def _row_name(r: Record) -> str:
@@ -82,7 +107,7 @@ def render(changes: Sequence[Change], only_a: Sequence[Record], only_b: Sequence
             f"| {fmt(c.speedup)}x | {fmt(c.a.fwd_bwd_ms, '.3g')} | {fmt(c.b.fwd_bwd_ms, '.3g')} "
             f"| {fmt(c.fwd_bwd_speedup)}x | {c.verdict} |".replace(f"{NA}x", NA)
         )
-    regressions = sum(c.verdict.startswith("regression") for c in changes)
+    regressions = sum(is_regression(c) and c.verdict != "mixed" for c in changes)
     faster = sum(c.verdict == "faster" for c in changes)
     mixed = sum(c.verdict == "mixed" for c in changes)
     lines += ["", f"{len(changes)} shared rows: {faster} faster, {regressions} regressions, {mixed} mixed."]

@@ -10,12 +10,11 @@ from typing import Any, NamedTuple
 import torch
 from dilated_attn.pattern import DilationPattern, check_mode
 
-DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "fp16": torch.float16,
-    "bf16": torch.bfloat16,
-    "fp64": torch.float64,
-}
+from dilated_attn_bench.choices import CPU_DEFAULT_PRESETS, DTYPE_NAMES, GPU_DEFAULT_PRESETS
+
+DTYPES: dict[str, torch.dtype] = dict(
+    zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16, torch.float64), strict=True)
+)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -117,8 +116,15 @@ PRESETS: dict[str, Preset] = {
     "cpu-quick": Preset(torch.float32, (1,), (4096,), 4, 32, (512, 1024, 2048), (1, 2, 4)),
 }
 
-GPU_DEFAULT_PRESETS = ("longnet-256k", "longnet-1m")
-CPU_DEFAULT_PRESETS = ("cpu-quick",)
+__all__ = [
+    "CPU_DEFAULT_PRESETS",
+    "DTYPES",
+    "GPU_DEFAULT_PRESETS",
+    "PRESETS",
+    "Overrides",
+    "Workload",
+    "expand",
+]
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,12 @@ class Record:
 
 
 FIELDS = [f.name for f in dataclasses.fields(Record)]
+# The fields without a default: a record lacking one is no record.
+REQUIRED = [
+    f.name
+    for f in dataclasses.fields(Record)
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+]
 
 
 def write_json(path: Path, records: Sequence[Record], meta: dict[str, Any]) -> None:
@@ -105,11 +111,33 @@ def write_json(path: Path, records: Sequence[Record], meta: dict[str, Any]) -> N
 
 
 def read_json(path: Path) -> tuple[list[Record], dict[str, Any]]:
-    """Records and metadata of a ``results.json`` (a bare list of records is accepted too)."""
-    payload = json.loads(Path(path).read_text())
-    raw, meta = (payload, {}) if isinstance(payload, list) else (payload["records"], payload.get("meta", {}))
+    """Records and metadata of a ``results.json`` (a bare list of records is accepted too).
+
+    Raises ``OSError`` when the file cannot be read and ``ValueError`` naming the file and what is
+    wrong when it is no results file: bad JSON, no ``records`` list, a record that is no object or
+    lacks a field every record has.
+    """
+    text = Path(path).read_text()
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON ({exc})") from None
+    if isinstance(payload, dict) and isinstance(payload.get("records"), list):
+        raw, meta = payload["records"], payload.get("meta") or {}
+    elif isinstance(payload, list):
+        raw, meta = payload, {}
+    else:
+        raise ValueError(f'{path}: not a results file (expected {{"meta": ..., "records": [...]}})')
     known = set(FIELDS)
-    return [Record(**{k: v for k, v in item.items() if k in known}) for item in raw], meta
+    records = []
+    for number, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise ValueError(f"{path}: record {number} is {type(item).__name__}, not an object")
+        missing = [name for name in REQUIRED if name not in item]
+        if missing:
+            raise ValueError(f"{path}: record {number} lacks {', '.join(missing)}")
+        records.append(Record(**{k: v for k, v in item.items() if k in known}))
+    return records, meta
 
 
 def _csv_cell(value: Any) -> Any:

@@ -61,8 +61,28 @@ def _get(record: Record | None, name: str, spec: str = ".2f") -> str:
     return fmt(getattr(record, name) if record is not None else None, spec)
 
 
+# A median over fewer timed calls than this is reported as an indication, not a measurement.
+MIN_SAMPLES = 5
+
+
+def fewest_samples(records: Sequence[Record]) -> int | None:
+    """The fewest timed calls behind any timed phase of an ok row (``None`` when nothing was timed)."""
+    counts = [
+        n
+        for r in records
+        if r.ok
+        for n, ms in ((r.repeats, r.time_ms), (r.fwd_bwd_repeats, r.fwd_bwd_ms))
+        if ms is not None and n is not None
+    ]
+    return min(counts, default=None)
+
+
 def headline(records: Sequence[Record]) -> str:
-    """One sentence: the best dilated backend's ratio to the segment ceiling on the largest workload."""
+    """One sentence: the best dilated backend's ratio to the segment ceiling on the largest workload.
+
+    When some row stands on fewer than ``MIN_SAMPLES`` timed calls, the sentence says so first and
+    gives the ratio as an indication.
+    """
     groups = _by_workload(records)
     candidates = [(g[0].batch * g[0].seq_len, best) for g in groups.values() if (best := _best_dilated(g))]
     if not candidates:
@@ -72,11 +92,22 @@ def headline(records: Sequence[Record]) -> str:
     field = "fwd_bwd_tflops" if both else "tflops"
     ceiling = next(r for r in groups[best.workload_key()] if r.implementation == CEILING)
     per_device = (getattr(best, field) or 0.0) / best.world_size
+    phase = "forward+backward" if both else "forward"
+    numbers = (
+        f"({per_device:.3g} vs {_get(ceiling, field, '.3g')} TFLOP/s"
+        f"{' per device' if best.world_size > 1 else ''})"
+    )
+    fewest = fewest_samples(records)
+    if fewest is not None and fewest < MIN_SAMPLES:
+        return (
+            f"Too few samples for a measured ratio: some rows stand on {fewest} timed call"
+            f"{'s' if fewest != 1 else ''} (fewer than {MIN_SAMPLES}; raise --repeats and --phase-budget). "
+            f"As an indication only: on {_workload(best)}, `{best.implementation}` ran {phase} at about "
+            f"{ratio:.2f}x the segment ceiling {numbers}."
+        )
     return (
         f"On {_workload(best)}, the fastest dilated backend `{best.implementation}` runs "
-        f"{'forward+backward' if both else 'forward'} at **{ratio:.2f}x the segment ceiling** "
-        f"({per_device:.3g} vs {_get(ceiling, field, '.3g')} TFLOP/s"
-        f"{' per device' if best.world_size > 1 else ''})."
+        f"{phase} at **{ratio:.2f}x the segment ceiling** {numbers}."
     )
 
 

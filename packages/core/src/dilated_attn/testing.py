@@ -9,7 +9,7 @@ A third-party backend runs it on itself by subclassing :class:`BackendConformanc
         device = "cpu"
         dtypes = (torch.float32,)
 
-Requires pytest (only this module does).
+Requires pytest (only this module does): ``pip install 'dilated-attn-core[testing]'``.
 """
 
 from __future__ import annotations
@@ -18,19 +18,20 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import pytest
+try:
+    import pytest
+except ImportError as exc:
+    raise ImportError(
+        "dilated_attn.testing needs pytest, which dilated-attn-core does not install by itself: "
+        "pip install 'dilated-attn-core[testing]'"
+    ) from exc
 import torch
 
 from dilated_attn.functional import dilated_attention
 from dilated_attn.reference import dilated_attention_reference
+from dilated_attn.tolerances import TOLERANCES, relative_error
 
-# Relative-error bounds by dtype: (forward and lse, gradients).
-TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
-    torch.float64: (1e-10, 1e-9),
-    torch.float32: (1e-5, 1e-4),
-    torch.float16: (2e-2, 2e-2),
-    torch.bfloat16: (2e-2, 2e-2),
-}
+__all__ = ["CASES", "TOLERANCES", "BackendConformance", "Case", "relative_error"]
 
 
 @dataclass(frozen=True)
@@ -78,19 +79,6 @@ def _cases() -> list[Case]:
 
 
 CASES: list[Case] = _cases()
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """``||actual - expected|| / ||expected||`` in float64, with ``-inf`` entries compared exactly."""
-    a, e = actual.detach().double(), expected.detach().double()
-    inf_a, inf_e = torch.isinf(a), torch.isinf(e)
-    if not torch.equal(inf_a, inf_e) or not torch.equal(a[inf_a], e[inf_e]):
-        return float("inf")
-    a, e = a.masked_fill(inf_a, 0.0), e.masked_fill(inf_e, 0.0)
-    if torch.isnan(a).any():
-        return float("nan")
-    denom = e.norm().item()
-    return (a - e).norm().item() / denom if denom > 0 else (a - e).norm().item()
 
 
 def _inputs(case: Case, dtype: torch.dtype, device: str, seed: int) -> list[torch.Tensor]:

@@ -1,7 +1,7 @@
 """FlexAttention kernel options used when the caller passes none, from measurements on Hopper.
 
 FlexAttention picks one tile per (GPU, dtype, head size). On an H200 (torch 2.11, bf16, h=16, d=64,
-n=256K, 128-token blocks; ``packages/sparse/benches/flex_tuning.py``) two changes paid off:
+n=256K, 128-token blocks; ``dilated-attn-bench flex-tuning``) two changes paid off:
 
 - backward tiles ``M1=32, N1=128, M2=128, N2=32`` (3 stages, 4 warps) instead of the default
   ``64, 128, 128, 64`` (8 warps): forward+backward 149 -> 136 ms on ``local_window`` at 5 %

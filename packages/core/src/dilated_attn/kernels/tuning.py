@@ -23,7 +23,7 @@ _TMA_HEAD_DIMS = (16, 32, 64, 128)
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M is the tile the program owns (query rows in the
 # forward and dQ kernels, key rows in the dK/dV kernel); BLOCK_N is the tile it loops over. The first
 # of each tier, the default for calls too small to tune, is the one the tuner picked on an H200
-# (2026-11-22; longnet-1m for d = 64, medium sizes for 128 and 256). compile_check.py compiles them
+# (2026-11-22; longnet-1m for d = 64, medium sizes for 128 and 256). `dilated-attn-bench compile-check` compiles them
 # all for sm_90: every one uses wgmma except the 32-row d = 256 tiles; up to d = 128 all but three
 # spill no registers (those three spill 16-40 bytes), and most d = 256 tiles spill 60-300 bytes.
 _CANDIDATES: dict[str, dict[int, tuple[tuple[int, int, int, int], ...]]] = {

@@ -1,8 +1,7 @@
-"""GPU benchmark of the Triton kernels against the oracle, the segment ceiling and the gather path.
+"""``kernel``: the Triton kernels against the oracle, the segment ceiling and the gather path, on a GPU.
 
-Run on a CUDA machine from the repository root::
-
-    PYTHONPATH=packages/core/src python3 packages/core/src/dilated_attn/kernels/bench_kernel.py --out kernel.json
+    dilated-attn-bench kernel --out kernel.json
+    dilated-attn-bench kernel --variants --out kernel-variants.json
 
 In one process: autotuning on the ``longnet-1m`` shape, correctness against the float64 oracle at
 medium sizes, ``longnet-1m`` (bf16, b=1, n=2^20, h=16, d=64) forward and forward+backward TFLOP/s
@@ -19,7 +18,6 @@ import datetime
 import gc
 import json
 import os
-import statistics
 import time
 import traceback
 from collections.abc import Callable
@@ -27,13 +25,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from dilated_attn import DilationPattern, dilated_attention
+from dilated_attn.reference import dilated_attention_reference
+from dilated_attn.tolerances import TOLERANCES, relative_error
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from dilated_attn.functional import dilated_attention
-from dilated_attn.kernels import triton_dilated_attention
-from dilated_attn.pattern import DilationPattern
-from dilated_attn.reference import dilated_attention_reference
-from dilated_attn.testing import TOLERANCES, relative_error
+from dilated_attn_bench.cli import VARIANT_TILES, UsageError, writable_file
+from dilated_attn_bench.timing import time_calls
 
 SEGMENTS = (2048, 4096, 8192, 16384, 32768)
 DILATIONS = (1, 2, 4, 8, 16)
@@ -67,18 +65,8 @@ def _guarded(fn: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> di
 
 
 def _time_ms(fn: Callable[[], Any], warmup: int = 2, repeats: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end))
-    return statistics.median(samples)
+    """Median ms of ``repeats`` calls after ``warmup`` (no time budget: the counts are the study's)."""
+    return time_calls(fn, torch.device(DEVICE), warmup=warmup, repeats=repeats, budget_s=None).median_ms
 
 
 def _inputs(
@@ -99,8 +87,6 @@ def _dilated_closures(
     q, k, v = tensors[:3]
 
     def attend() -> Any:
-        if backend == "triton":
-            return triton_dilated_attention(q, k, v, SEGMENTS, DILATIONS, mode=mode)
         return dilated_attention(q, k, v, SEGMENTS, DILATIONS, mode=mode, backend=backend)
 
     if not grad:
@@ -177,7 +163,7 @@ def _check(
 ) -> dict[str, Any]:
     g = torch.Generator(device=DEVICE).manual_seed(0)
     q, k, v = (torch.randn(shape, device=DEVICE, dtype=dtype, generator=g).requires_grad_() for _ in range(3))
-    out, lse = triton_dilated_attention(q, k, v, w, r, mode=mode, causal=causal, return_lse=True)
+    out, lse = dilated_attention(q, k, v, w, r, mode=mode, causal=causal, return_lse=True, backend="triton")
     grad_out = torch.randn(shape, device=DEVICE, dtype=dtype, generator=g)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -228,7 +214,6 @@ def longest(lengths: list[int], *, grad: bool) -> list[dict[str, Any]]:
     return rows
 
 
-VARIANT_TILES = ((128, 64, 8, 4), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3))
 VARIANT_FLAGS = ((), ("USE_TMA",))
 
 
@@ -256,7 +241,7 @@ def forward_variants(
         return out
 
     with torch.no_grad():
-        reference = triton_dilated_attention(q, k, v, SEGMENTS, DILATIONS)
+        reference = dilated_attention(q, k, v, SEGMENTS, DILATIONS, backend="triton")
     rows = []
     for flags in VARIANT_FLAGS:
         for tile in tiles:
@@ -335,32 +320,16 @@ def _ratio(a: dict[str, Any], b: dict[str, Any]) -> float | None:
     return None
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="path of the JSON results")
-    parser.add_argument("--n", type=int, default=1 << 20, help="sequence length of the throughput runs")
-    parser.add_argument(
-        "--longest", default="2097152,4194304,8388608", help="lengths tried for the longest runs"
-    )
-    parser.add_argument(
-        "--variants",
-        action="store_true",
-        help="only time the forward under each kernel variant (tensor descriptors or pointer loads, tiles)",
-    )
-    parser.add_argument(
-        "--variant-tiles",
-        default=";".join(",".join(map(str, t)) for t in VARIANT_TILES),
-        help="tiles for --variants: 'BLOCK_M,BLOCK_N,warps,stages;...'",
-    )
-    args = parser.parse_args()
+def main(args: argparse.Namespace) -> int:
+    """The ``kernel`` command (arguments parsed by ``dilated_attn_bench.cli``)."""
     if not torch.cuda.is_available():
-        raise SystemExit("bench_kernel.py needs a CUDA device")
+        raise UsageError("needs a CUDA device")
+    out = writable_file("--out", args.out)
     if args.variants:
-        tiles = tuple(tuple(int(x) for x in t.split(",")) for t in args.variant_tiles.split(";") if t)
-        rows = forward_variants(args.n, tiles)  # type: ignore[arg-type]
-        with open(args.out, "w") as fh:
+        rows = forward_variants(args.n, tuple(args.variant_tiles))
+        with open(out, "w") as fh:
             json.dump({"device": torch.cuda.get_device_name(), "variants": rows}, fh, indent=2, default=str)
-        return
+        return 0
     import triton
 
     n = args.n
@@ -392,9 +361,8 @@ def main() -> None:
     results["sdpa_head_groups_fwd"] = _guarded(throughput, n, "head_groups", "sdpa", grad=False)
     results["memory_fwd"] = _guarded(peak_memory, n, grad=False)
     results["memory_fwd_bwd"] = _guarded(peak_memory, n, grad=True)
-    lengths = [int(x) for x in args.longest.split(",") if x]
-    results["longest_fwd"] = longest(lengths, grad=False)
-    results["longest_fwd_bwd"] = longest(lengths, grad=True)
+    results["longest_fwd"] = longest(args.longest, grad=False)
+    results["longest_fwd_bwd"] = longest(args.longest, grad=True)
     results["tuned_configs"] = _guarded(tuned_configs)
     results["ratios"] = {
         "fwd_vs_ceiling_cudnn": _ratio(results["triton_fwd"], results["ceiling_cudnn_fwd"]),
@@ -402,9 +370,10 @@ def main() -> None:
         "fwd_vs_sdpa_gather": _ratio(results["triton_fwd"], results["sdpa_fwd"]),
         "head_groups_fwd_vs_sdpa": _ratio(results["triton_head_groups_fwd"], results["sdpa_head_groups_fwd"]),
     }
-    with open(args.out, "w") as fh:
+    with open(out, "w") as fh:
         json.dump(results, fh, indent=2, default=str)
     _print_table(results)
+    return 0 if all(row.get("passed") for row in results["correctness"]) else 1
 
 
 def _print_table(results: dict[str, Any]) -> None:
@@ -454,7 +423,3 @@ def _print_table(results: dict[str, Any]) -> None:
     configs = results["tuned_configs"].get("configs", {})
     for name, text in configs.items():
         print(f"tuned {name}: {text}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""A sweep of FlexAttention kernel options for block-sparse attention, in one process on one GPU.
+"""``flex-tuning``: a sweep of FlexAttention kernel options for block-sparse attention, on one GPU.
 
 Measures dense SDPA (cuDNN, flash) once, then for each pattern kind (``local_window``,
 ``dilated_blocks``, ``random_blocks``) sized to the block density, times ``block_sparse_attention``
@@ -13,9 +13,9 @@ under each candidate ``kernel_options``:
 
 Each timing is reported as ``time / (dense cuDNN time x block density)`` (flash when cuDNN does not
 run), the ratio whose target is <= 1.3; forward times are taken with inputs that require grad. See
-``sparse_bench.py``, whose helpers this script uses.
+``dilated_attn_bench.sparse``, whose helpers this study uses.
 
-    PYTHONPATH=packages/core/src:packages/sparse/src python3 packages/sparse/benches/flex_tuning.py --out flex_tuning.json
+    dilated-attn-bench flex-tuning --out flex_tuning.json --md flex_tuning.md
 
 The full sweep (3 kinds, 8 + 7 candidates, one compile each) may not fit in ``--max-seconds``
 (default 420): past it, the candidates left are recorded as ``skipped: time limit``. Split it with
@@ -35,33 +35,19 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import math
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
-from types import ModuleType
 from typing import Any, NamedTuple
 
 import torch
+from dilated_attn.tolerances import TOLERANCES, relative_error
 from dilated_attn_sparse import SparsePattern, block_sparse_attention
 
-
-def _load_sparse_bench() -> ModuleType:
-    path = Path(__file__).resolve().with_name("sparse_bench.py")
-    spec = importlib.util.spec_from_file_location("sparse_bench", path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_sparse_bench()
-
-KINDS = ("local_window", "dilated_blocks", "random_blocks")
+from dilated_attn_bench import sparse as bench
+from dilated_attn_bench.cli import UsageError, writable_file
 
 FWD_CANDIDATES: list[dict[str, Any]] = [
     {},
@@ -136,56 +122,13 @@ CPU_DEFAULTS = {"n": 1024, "heads": 2, "head_dim": 16}
 CUDA_DEFAULTS = {"n": 262_144, "heads": 16, "head_dim": 64}
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="where to write the full results (JSON)")
-    p.add_argument("--md", type=Path, help="also write the markdown table here")
-    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    p.add_argument("--n", type=int, help="sequence length (default 262144 on CUDA, 1024 on CPU)")
-    p.add_argument("--heads", type=int, help="default 16 on CUDA, 2 on CPU")
-    p.add_argument("--head-dim", type=int, help="default 64 on CUDA, 16 on CPU")
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--density", default="0.05", help="block density, or a comma list")
-    p.add_argument("--kinds", default=",".join(KINDS))
-    p.add_argument(
-        "--candidates",
-        default="both",
-        choices=("fwd", "bwd", "both", "none"),
-        help="built-in candidate lists to run (--extra-options candidates always run)",
-    )
-    p.add_argument(
-        "--extra-options",
-        type=json.loads,
-        default=[],
-        help="JSON list of more kernel_options dicts, timed forward and forward+backward, e.g. '[{\"fwd_BLOCK_N\": 32}]'",
-    )
-    p.add_argument("--max-candidates", type=int, help="run only the first N candidates of each built-in list")
-    p.add_argument("--no-combine", action="store_true", help="skip the best-forward + best-backward run")
-    p.add_argument("--budget", type=float, default=0.5, help="seconds of timed repetitions per measurement")
-    p.add_argument(
-        "--max-seconds",
-        type=float,
-        default=420.0,
-        help="no candidate starts after this many seconds; the rest are recorded as skipped",
-    )
-    p.add_argument(
-        "--dense-from",
-        type=Path,
-        help="take the dense timings from this earlier flex_tuning / sparse_bench JSON instead of measuring",
-    )
-    args = p.parse_args(argv)
+def resolve_defaults(args: argparse.Namespace) -> None:
+    """Fill the shape arguments left unset with the device's defaults."""
     defaults = CPU_DEFAULTS if args.device == "cpu" else CUDA_DEFAULTS
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if not isinstance(args.extra_options, list) or not all(isinstance(o, dict) for o in args.extra_options):
-        p.error("--extra-options must be a JSON list of objects")
-    args.kinds = [k for k in args.kinds.split(",") if k]
-    for kind in args.kinds:
-        if kind not in KINDS:
-            p.error(f"--kinds: {kind!r} is not one of {KINDS}")
-    args.densities = [float(x) for x in args.density.split(",") if x]
-    return args
+    args.densities = args.density
 
 
 class Candidate(NamedTuple):
@@ -240,14 +183,6 @@ def cuda_usable(device: torch.device) -> bool:
     except Exception:  # noqa: BLE001
         return False
     return True
-
-
-def rel_diff(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """``||a - e|| / ||e||`` in float32; inf when ``a`` is not finite."""
-    a, e = actual.detach().float(), expected.detach().float()
-    if not bool(torch.isfinite(a).all()):
-        return math.inf
-    return ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
 
 
 def error_text(exc: BaseException) -> str:
@@ -306,7 +241,7 @@ class Case:
             except Exception as exc:  # noqa: BLE001
                 self.reference_error = error_text(exc)
                 return {}
-        return {name: rel_diff(t, self.reference[name]) for name, t in results.items()}
+        return {name: relative_error(t, self.reference[name]) for name, t in results.items()}
 
     def drop_reference(self) -> None:
         self.reference = None
@@ -351,7 +286,7 @@ def run_candidate(
         record["reference_error"] = case.reference_error
     if errors:
         record["err_vs_default"] = errors
-        bound = max(bench.TOLERANCES[torch.bfloat16])
+        bound = max(TOLERANCES[torch.bfloat16])
         record["suspect"] = any(not (e <= bound) for e in errors.values())
     free_memory(device)
 
@@ -472,12 +407,24 @@ def dense_reference(report: dict[str, Any]) -> tuple[str | None, dict[str, float
     return reference, {"fwd": r["fwd"]["ms"], "fwdbwd": r["fwdbwd"]["ms"]}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(args: argparse.Namespace) -> int:
+    """The ``flex-tuning`` command (arguments parsed by ``dilated_attn_bench.cli``)."""
     start = time.perf_counter()
-    args = parse_args(argv)
+    resolve_defaults(args)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available (use --device cpu for a smoke run)")
+        raise UsageError("--device=cuda: no CUDA device is available (use --device cpu for a smoke run)")
+    writable_file("--out", args.out)
+    if args.md is not None:
+        writable_file("--md", args.md)
+    earlier: dict[str, Any] | None = None
+    if args.dense_from is not None:
+        try:
+            earlier = json.loads(args.dense_from.read_text())
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--dense-from={str(args.dense_from)!r}: cannot read it ({exc})") from None
+        if not isinstance(earlier, dict) or not isinstance(earlier.get("dense"), dict):
+            raise UsageError(f"--dense-from={str(args.dense_from)!r}: no 'dense' timings in it")
     dtype = torch.bfloat16
     environment = bench.environment(device)
     if device.type == "cuda":
@@ -510,8 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     tensors = bench.inputs(args.n, args.heads, args.head_dim, dtype, device, seed=0)
     for t in tensors[:3]:
         t.requires_grad_()
-    if args.dense_from is not None:
-        earlier = json.loads(args.dense_from.read_text())
+    if earlier is not None:
         report["dense"] = earlier["dense"]
         report["dense_from"] = str(args.dense_from)
         print(f"dense timings from {args.dense_from}", flush=True)
@@ -604,7 +550,3 @@ def main(argv: list[str] | None = None) -> int:
     if args.md is not None:
         args.md.write_text(summary + "\n")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,24 +1,22 @@
-"""The GPU benchmark script runs end to end at a toy size on the CPU (its ``--device cpu`` smoke mode)."""
+"""``sparse`` and ``flex-tuning`` run end to end at a toy size on the CPU (their ``--device cpu`` smoke mode)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "packages" / "sparse" / "benches" / "sparse_bench.py"
+import pytest
+
+pytest.importorskip("dilated_attn_sparse")
+
+from dilated_attn_bench.cli import main  # noqa: E402
 
 
 def test_bench_smoke(tmp_path):
-    spec = importlib.util.spec_from_file_location("sparse_bench", BENCH)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     out, md = tmp_path / "bench.json", tmp_path / "bench.md"
-    status = bench.main(
+    status = main(
         [
-            "--device", "cpu", "--n", "200", "--heads", "2", "--head-dim", "8", "--block-size", "16",
+            "sparse", "--device", "cpu", "--n", "200", "--heads", "2", "--head-dim", "8", "--block-size", "16",
             "--densities", "0.25", "--kinds", "local_window,dilated_blocks", "--check-n", "50",
             "--budget", "0", "--out", str(out), "--md", str(md),
         ]
@@ -33,19 +31,9 @@ def test_bench_smoke(tmp_path):
     assert "| local_window(window=" in md.read_text()
 
 
-TUNING = BENCH.with_name("flex_tuning.py")
-
-
-def _load_tuning():
-    spec = importlib.util.spec_from_file_location("flex_tuning", TUNING)
-    assert spec is not None and spec.loader is not None
-    tuning = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tuning)
-    return tuning
-
-
 def test_flex_tuning_smoke(tmp_path, monkeypatch):
-    tuning = _load_tuning()
+    from dilated_attn_bench import flex_tuning as tuning
+
     attention = tuning.block_sparse_attention
 
     def rejecting(*args, kernel_options=None, **kwargs):
@@ -57,10 +45,10 @@ def test_flex_tuning_smoke(tmp_path, monkeypatch):
     monkeypatch.setattr(tuning, "block_sparse_attention", rejecting)
     out, md = tmp_path / "tuning.json", tmp_path / "tuning.md"
     extra = [{"NOT_AN_OPTION": 1}, {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64}]
-    status = tuning.main(
+    status = main(
         [
-            "--device", "cpu", "--max-candidates", "1", "--extra-options", json.dumps(extra), "--no-combine",
-            "--budget", "0", "--out", str(out), "--md", str(md),
+            "flex-tuning", "--device", "cpu", "--max-candidates", "1", "--extra-options", json.dumps(extra),
+            "--no-combine", "--budget", "0", "--out", str(out), "--md", str(md),
         ]
     )  # fmt: skip
     assert status == 0
@@ -99,9 +87,9 @@ def test_flex_tuning_smoke(tmp_path, monkeypatch):
 
 def test_flex_tuning_time_limit(tmp_path):
     out = tmp_path / "tuning.json"
-    status = _load_tuning().main(
+    status = main(
         [
-            "--device", "cpu", "--kinds", "local_window", "--candidates", "fwd", "--max-seconds", "0",
+            "flex-tuning", "--device", "cpu", "--kinds", "local_window", "--candidates", "fwd", "--max-seconds", "0",
             "--budget", "0", "--out", str(out),
         ]
     )  # fmt: skip

@@ -1,6 +1,6 @@
-"""Compile every autotuning candidate for a GPU target without a GPU, and report what came out.
+"""``compile-check``: compile every autotuning candidate for a GPU target without a GPU, and report what came out.
 
-    PYTHONPATH=packages/core/src python3 packages/core/src/dilated_attn/kernels/compile_check.py [--arch 90]
+    dilated-attn-bench compile-check [--arch 90]
 
 For each kernel and candidate tile: registers, spilled bytes (stack), shared memory and whether the
 block products use wgmma. Integer arguments that can be 1 at run time are compiled as the constant 1
@@ -19,12 +19,11 @@ import time
 from typing import Any
 
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
 from dilated_attn.kernels.backward import _dkdv_kernel, _dq_kernel
 from dilated_attn.kernels.forward import _fwd_kernel
 from dilated_attn.kernels.tuning import _CANDIDATES, _FLOAT32
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
 KERNELS = {"forward": _fwd_kernel, "dkdv": _dkdv_kernel, "dq": _dq_kernel}
 # Arguments that the launchers pass as Python ints; strides are multiples of 16 elements.
@@ -110,10 +109,9 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     return {"registers": int(found.get("REG", -1)), "stack": int(found.get("STACK", -1))}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
-    args = parser.parse_args()
+def main(args: argparse.Namespace) -> int:
+    """The ``compile-check`` command; 1 when some candidate failed to compile."""
+    failures = 0
     jobs: list[tuple[str, Any, str, int, tuple[int, int, int, int], bool, tuple[str, ...]]] = []
     for name, kernel in KERNELS.items():
         for tier, tiles in _CANDIDATES[name].items():
@@ -135,6 +133,7 @@ def main() -> None:
         try:
             r = compile_one(kernel, dtype, head_dim, tile, args.arch, ones, flags)
         except Exception as exc:  # report every candidate, failing ones included
+            failures += 1
             print(
                 f"| {name} | {label} | {dtype} | {head_dim} | {tile} | {ones} | FAILED: {type(exc).__name__}: {str(exc)[:200]} |"
             )
@@ -143,7 +142,4 @@ def main() -> None:
             f"| {name} | {label} | {dtype} | {head_dim} | {tile[0]}x{tile[1]}, {tile[2]}, {tile[3]} | {ones} | "
             f"{r['registers']} | {r['stack']} | {r['shared']} | {r['wgmma']} | {r['seconds']:.1f} |"
         )
-
-
-if __name__ == "__main__":
-    main()
+    return 1 if failures else 0

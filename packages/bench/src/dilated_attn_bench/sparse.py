@@ -1,4 +1,4 @@
-"""Block-sparse attention against dense cuDNN attention on one GPU, measured in one process.
+"""``sparse``: block-sparse attention against dense cuDNN attention on one GPU, measured in one process.
 
 For block densities of 1 %, 5 % and 25 %, times ``block_sparse_attention`` (forward, and forward +
 backward) with ``local_window``, ``random_blocks`` and ``dilated_blocks`` patterns sized to that
@@ -6,8 +6,7 @@ density, and dense SDPA (cuDNN, flash) on the same shape; reports ``time / (dens
 density)``, whose target is <= 1.3. A correctness check against the float64 reference at a small
 length (not a multiple of the block size) runs first.
 
-    PYTHONPATH=packages/core/src:packages/sparse/src python3 packages/sparse/benches/sparse_bench.py \\
-        --out sparse_bench.json --md sparse_bench.md
+    dilated-attn-bench sparse --out sparse_bench.json --md sparse_bench.md
 
 Forward times are taken with inputs that require grad (the forward of a training step), for the
 sparse and the dense kernels alike. ``--device cpu`` runs the same steps at a toy size (a smoke test).
@@ -19,15 +18,13 @@ import argparse
 import json
 import math
 import platform
-import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from dilated_attn.tolerances import TOLERANCES, relative_error
 from dilated_attn_sparse import (
     SparsePattern,
     block_sparse_attention,
@@ -40,37 +37,17 @@ from dilated_attn_sparse.reference import dense_mask, masked_attention_reference
 from dilated_attn_sparse.tuning import default_kernel_options, neighbour_share
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from dilated_attn_bench.choices import SPARSE_KINDS as KINDS
+from dilated_attn_bench.cli import UsageError, writable_file
+from dilated_attn_bench.timing import time_calls
+
 TARGET = 1.3
-KINDS = ("local_window", "random_blocks", "dilated_blocks")
-TOLERANCES = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 2e-2)}
+# Timed calls of one measurement, at most: fewer when the budget runs out, never fewer than 3.
+MAX_REPS = 50
 DENSE_BACKENDS = {
     "cuda": {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION},
     "cpu": {"math": SDPBackend.MATH},
 }
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="where to write the full results (JSON)")
-    p.add_argument("--md", type=Path, help="also write a markdown summary here")
-    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    p.add_argument("--n", type=int, default=262_144, help="sequence length")
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--densities", default="0.01,0.05,0.25")
-    p.add_argument("--kinds", default=",".join(KINDS))
-    p.add_argument("--check-n", type=int, default=1000, help="length of the correctness check")
-    p.add_argument("--check-fp32", action="store_true", help="also check float32 (one more compile)")
-    p.add_argument("--skip-check", action="store_true")
-    p.add_argument("--budget", type=float, default=0.5, help="seconds of timed repetitions per measurement")
-    p.add_argument(
-        "--kernel-options",
-        type=json.loads,
-        default=None,
-        help="FlexAttention options, e.g. '{\"BLOCK_M\": 128}'",
-    )
-    return p.parse_args(argv)
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -93,42 +70,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_ms(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
 def measure(fn: Callable[[], object], device: torch.device, budget_s: float) -> dict[str, Any]:
     """First call (compiles, builds masks) timed on its own, then the median of >= 3 timed calls."""
-    t0 = time.perf_counter()
-    fn()
-    synchronize(device)
-    first_s = time.perf_counter() - t0
-    times: list[float] = []
-    while len(times) < 3 or (sum(times) < budget_s * 1e3 and len(times) < 50):
-        times.append(timed_ms(fn, device))
-    return {"ms": statistics.median(times), "min_ms": min(times), "reps": len(times), "first_call_s": first_s}
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """``||a - e|| / ||e||`` in float64; infinities must match exactly."""
-    a, e = actual.detach().double(), expected.detach().double()
-    if not torch.equal(torch.isinf(a), torch.isinf(e)) or not torch.equal(
-        a[torch.isinf(a)], e[torch.isinf(e)]
-    ):
-        return math.inf
-    a, e = a.masked_fill(torch.isinf(a), 0.0), e.masked_fill(torch.isinf(e), 0.0)
-    if torch.isnan(a).any():
-        return math.nan
-    return ((a - e).norm() / e.norm().clamp_min(1e-300)).item()
+    timing = time_calls(fn, device, warmup=1, repeats=MAX_REPS, budget_s=budget_s)
+    assert timing.first_ms is not None and timing.min_ms is not None
+    return {
+        "ms": timing.median_ms,
+        "min_ms": timing.min_ms,
+        "reps": timing.repeats,
+        "first_call_s": timing.first_ms / 1e3,
+    }
 
 
 def inputs(
@@ -339,11 +290,14 @@ def table(rows: list[dict[str, Any]], reference: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(args: argparse.Namespace) -> int:
+    """The ``sparse`` command (arguments parsed by ``dilated_attn_bench.cli``); 1 when a check fails."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available (use --device cpu for a smoke run)")
+        raise UsageError("--device=cuda: no CUDA device is available (use --device cpu for a smoke run)")
+    writable_file("--out", args.out)
+    if args.md is not None:
+        writable_file("--md", args.md)
     dtype = torch.bfloat16
     report: dict[str, Any] = {
         "environment": environment(device),
@@ -384,8 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     report["ratio_reference"] = reference
 
     report["sparse"] = []
-    for kind in args.kinds.split(","):
-        for density in (float(x) for x in args.densities.split(",")):
+    for kind in args.kinds:
+        for density in args.densities:
             try:
                 row = sparse_timing(kind, density, tensors, dense_ms, args, device)
             except (RuntimeError, torch.OutOfMemoryError) as exc:
@@ -445,7 +399,3 @@ def main(argv: list[str] | None = None) -> int:
             + "\n"
         )
     return 0 if checks_passed else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
