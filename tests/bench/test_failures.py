@@ -6,7 +6,7 @@ import socket
 
 import pytest
 import torch
-from dilated_attn import dilated_attention
+from dilated_attn import DilationPattern, get_backend
 from dilated_attn_bench.cli import main
 from dilated_attn_bench.distributed import World
 from dilated_attn_bench.presets import Workload
@@ -20,10 +20,8 @@ SETTINGS = Settings(
 SMALL = Workload("test", 1, 96, 2, 8, torch.float32, (32, 64), (1, 2))
 
 
-def _core(q, k, v, segment_lengths, dilation_rates, *, mode, causal, scale, **_):
-    return dilated_attention(
-        q, k, v, segment_lengths, dilation_rates, mode=mode, causal=causal, scale=scale, backend="sdpa"
-    )
+def _core(q, k, v, pattern, request):
+    return get_backend("sdpa").fn(q, k, v, pattern, request)
 
 
 def _raises(exc):
@@ -33,23 +31,27 @@ def _raises(exc):
     return fn
 
 
-def _wrong_offset(q, k, v, segment_lengths, dilation_rates, **kwargs):
+def _wrong_offset(q, k, v, pattern, request):
     # Head j uses offset (j + 1) % r instead of j % r: a plausible bug the oracle must catch.
-    out = _core(q.roll(1, 2), k.roll(1, 2), v.roll(1, 2), segment_lengths, dilation_rates, **kwargs)
-    return out.roll(-1, 2)
+    out, lse = _core(q.roll(1, 2), k.roll(1, 2), v.roll(1, 2), pattern, request)
+    return out.roll(-1, 2), lse.roll(-1, 2)
 
 
-def _dropped_pattern(q, k, v, segment_lengths, dilation_rates, **kwargs):
-    return _core(q, k, v, segment_lengths[:-1], dilation_rates[:-1], **kwargs)
+def _dropped_pattern(q, k, v, pattern, request):
+    fewer = DilationPattern(pattern.segment_lengths[:-1], pattern.dilation_rates[:-1])
+    return _core(q, k, v, fewer, request)
 
 
-def _mean_merge(q, k, v, segment_lengths, dilation_rates, **kwargs):
+def _mean_merge(q, k, v, pattern, request):
     # Averaging the per-pattern outputs instead of weighting them by their softmax denominators.
-    outs = [_core(q, k, v, [w], [r], **kwargs) for w, r in zip(segment_lengths, dilation_rates)]
-    return sum(outs) / len(outs)
+    parts = [
+        _core(q, k, v, DilationPattern([w], [r]), request)
+        for w, r in zip(pattern.segment_lengths, pattern.dilation_rates)
+    ]
+    return sum(o for o, _ in parts) / len(parts), parts[0][1]
 
 
-def _fails_in_backward(q, k, v, *args, **kwargs):
+def _fails_in_backward(q, k, v, pattern, request):
     class Boom(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x):
@@ -59,7 +61,8 @@ def _fails_in_backward(q, k, v, *args, **kwargs):
         def backward(ctx, g):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
 
-    return Boom.apply(_core(q, k, v, *args, **kwargs))
+    out, lse = _core(q, k, v, pattern, request)
+    return Boom.apply(out), lse
 
 
 def _by_name(records):
@@ -152,7 +155,7 @@ def test_capabilities_and_requirements_are_skips(register_plugin):
         "picky-backends",
         backends={
             "t-ring": (_core, {"distributed": True, "auto": False}),
-            "t-needs": (_core, {"requires": ("pattern",), "auto": False}),
+            "t-needs": (_core, {"options": ("pattern",), "requires": ("pattern",), "auto": False}),
             "t-bf16": (_core, {"dtypes": (torch.bfloat16,), "auto": False}),
             "t-no-bwd": (_core, {"backward": False, "auto": False}),
         },
@@ -188,9 +191,9 @@ def test_distributed_backend_runs_under_a_process_group(register_plugin, monkeyp
         monkeypatch.setenv(key, value)
     seen_world = []
 
-    def ring(q, k, v, *args, **kwargs):
+    def ring(q, k, v, pattern, request):
         seen_world.append(dist.get_world_size())
-        return _core(q, k, v, *args, **kwargs)
+        return _core(q, k, v, pattern, request)
 
     register_plugin("ring-like", backends={"t-ring": (ring, {"distributed": True, "auto": False})})
     world, device = init_world(torch.device("cpu"))

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from dilated_attn import dilated_attention
+from dilated_attn import get_backend
 from dilated_attn_bench.cli import main
 from dilated_attn_bench.records import FIELDS, read_json
 
@@ -46,11 +46,9 @@ TINY = [
 def _sdpa_times(factor: float):
     """A backend that is the core "sdpa" backend scaled by ``factor`` (1: correct, else wrong)."""
 
-    def fn(q, k, v, segment_lengths, dilation_rates, *, mode, causal, scale, dropout_p, return_lse):
-        out = dilated_attention(
-            q, k, v, segment_lengths, dilation_rates, mode=mode, causal=causal, scale=scale, backend="sdpa"
-        )
-        return out * factor
+    def fn(q, k, v, pattern, request):
+        out, lse = get_backend("sdpa").fn(q, k, v, pattern, request)
+        return out * factor, lse
 
     return fn
 
