@@ -2,7 +2,8 @@
 
 Commands: ``run`` (the report), ``compare`` (two runs), ``pool`` (buffer pools), ``kernel`` and
 ``compile-check`` (the Triton kernels), ``sparse`` and ``flex-tuning`` (block-sparse attention),
-``ring`` (ring attention over GPUs, under ``torchrun``). Every argument is checked here or where the
+``ring`` (ring attention over GPUs, under ``torchrun``), ``decode`` (a cached decode step against dense
+decoding). Every argument is checked here or where the
 command starts, before anything is measured: a bad one ends the command with one line
 ``dilated-attn-bench <command>: error: ...`` and exit status 2, as argparse does.
 """
@@ -455,6 +456,30 @@ def _ring_parser(sub: Any) -> None:
     r.set_defaults(command="dilated_attn_bench.ring:main", needs=("dilated_attn_ring",))
 
 
+def _decode_parser(sub: Any) -> None:
+    d = sub.add_parser(
+        "decode",
+        help="one cached decode step against dense SDPA decoding on a full cache (CUDA)",
+        description="For each context length and batch: the per-token latency of one decode step through "
+        "DilatedKVCache (eager and CUDA-graph replay), its cache bytes per sequence, and dense "
+        "scaled_dot_product_attention decoding over a full (b, h, n, d) cache in the same process. "
+        "Writes decode.md, decode.json and decode.png into --out.",
+    )
+    d.add_argument("--out", type=Path, required=True, help="output folder")
+    d.add_argument(
+        "--contexts",
+        type=positive_ints,
+        default=[8192, 65536, 262144, 1048576, 4194304],
+        help="context lengths (default %(default)s)",
+    )
+    d.add_argument("--batches", type=positive_ints, default=[1, 64], help="batch sizes (default %(default)s)")
+    d.add_argument(
+        "--preset", choices=PRESET_NAMES, default="longnet-1m", help="pattern, heads, head_dim, dtype"
+    )
+    d.add_argument("--repeats", type=positive(int), default=100)
+    d.set_defaults(command="dilated_attn_bench.decode:main", needs=("triton",))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -471,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
         _sparse_parser,
         _flex_tuning_parser,
         _ring_parser,
+        _decode_parser,
     ):
         add(sub)
     for name, subparser in sub.choices.items():

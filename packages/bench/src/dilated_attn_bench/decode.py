@@ -9,7 +9,9 @@ device's free memory are reported as skipped.
 
 from __future__ import annotations
 
+import argparse
 import functools
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -159,3 +161,72 @@ def render_markdown(records: Sequence[DecodeRecord]) -> str:
 
 
 __all__ = ["DecodeRecord", "measure_decode", "render_markdown"]
+
+
+def _plot(records: Sequence[DecodeRecord], path: Any) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for batch in sorted({r.batch for r in records}):
+        rows = [r for r in records if r.batch == batch]
+        ax.plot(
+            [r.context for r in rows],
+            [r.dilated_graph_us or r.dilated_us for r in rows],
+            "o-",
+            label=f"dilated KV cache, batch {batch}",
+        )
+        dense = [r for r in rows if r.dense_graph_us is not None]
+        if dense:
+            ax.plot(
+                [r.context for r in dense],
+                [r.dense_graph_us for r in dense],
+                "s--",
+                label=f"dense SDPA, batch {batch}",
+            )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("decode step (us, CUDA graph)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(args: argparse.Namespace) -> int:
+    """``dilated-attn-bench decode``: measure, then write decode.md, decode.json and decode.png."""
+    from dilated_attn_bench.cli import UsageError
+    from dilated_attn_bench.presets import expand
+
+    if not torch.cuda.is_available():
+        raise UsageError("needs a CUDA device (the decode step runs on the Triton decode kernel)")
+    (workload,) = expand([args.preset])
+    args.out.mkdir(parents=True, exist_ok=True)
+    records = measure_decode(
+        args.contexts,
+        args.batches,
+        segment_lengths=workload.pattern.segment_lengths,
+        dilation_rates=workload.pattern.dilation_rates,
+        heads=workload.heads,
+        head_dim=workload.head_dim,
+        dtype=workload.dtype,
+        mode=workload.mode,
+        repeats=args.repeats,
+    )
+    table = render_markdown(records)
+    device = torch.cuda.get_device_name()
+    (args.out / "decode.md").write_text(
+        f"# Decode step, {args.preset} ({device}, torch {torch.__version__})\n\n{table}\n"
+    )
+    (args.out / "decode.json").write_text(
+        json.dumps(
+            {"device": device, "preset": args.preset, "records": [r.as_dict() for r in records]}, indent=2
+        )
+    )
+    _plot(records, args.out / "decode.png")
+    print(table)
+    return 0
