@@ -11,7 +11,14 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from dilated_attn_sparse.masks import build_block_mask
-from dilated_attn_sparse.validation import check_block_size, check_num_heads, check_seq_len
+from dilated_attn_sparse.validation import (
+    check_batch,
+    check_block_size,
+    check_flag,
+    check_num_heads,
+    check_seq_len,
+    clamp_block_size,
+)
 
 if TYPE_CHECKING:
     from dilated_attn_sparse.patterns import SparsePattern
@@ -26,7 +33,7 @@ def canonical_device(device: torch.device | str) -> torch.device:
 
 
 class BlockMaskCache:
-    """``BlockMask``s keyed by (pattern, n, heads, block size, causal, device), least recently used
+    """``BlockMask``s keyed by (pattern, n, batch, heads, block size, causal, device), least recently used
     evicted first. ``builds`` counts the masks built since creation (or :meth:`clear`)."""
 
     def __init__(self, maxsize: int = 16) -> None:
@@ -43,25 +50,38 @@ class BlockMaskCache:
         seq_len: int,
         num_heads: int,
         *,
+        batch: int = 1,
         block_size: int = 128,
         causal: bool = False,
         device: torch.device | str = "cpu",
     ) -> BlockMask:
-        """The mask of ``pattern`` for ``seq_len`` tokens and ``num_heads`` heads, built on a miss."""
+        """The mask of ``pattern`` for ``batch`` sequences of ``seq_len`` tokens and ``num_heads``
+        heads, built on a miss. ``block_size`` is capped at one block covering the sequence
+        (:func:`.validation.clamp_block_size`)."""
         seq_len = check_seq_len(seq_len)
         num_heads = check_num_heads(num_heads)
-        block_size = check_block_size(block_size)
+        batch = check_batch(batch)
+        block_size = clamp_block_size(check_block_size(block_size), seq_len)
+        causal = check_flag("causal", causal)
         device = canonical_device(device)
-        # A head-independent pattern builds one mask that serves any number of heads.
-        heads = num_heads if pattern.per_head else None
-        key = (pattern, seq_len, heads, block_size, bool(causal), device)
+        # A mask that does not differ along batch or heads serves any number of them.
+        per_sequence, per_head = pattern.mask_extents(device)
+        key = (
+            pattern,
+            seq_len,
+            batch if per_sequence else None,
+            num_heads if per_head else None,
+            block_size,
+            causal,
+            device,
+        )
         with self._lock:
             mask = self._masks.get(key)
             if mask is not None:
                 self._masks.move_to_end(key)
                 return mask
             mask = build_block_mask(
-                pattern, seq_len, num_heads, block_size=block_size, causal=bool(causal), device=device
+                pattern, seq_len, num_heads, batch=batch, block_size=block_size, causal=causal, device=device
             )
             self.builds += 1
             self._masks[key] = mask
