@@ -8,9 +8,7 @@ from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask
 
-from dilated_attn_sparse.masks import build_block_mask
 from dilated_attn_sparse.validation import (
     check_batch,
     check_block_size,
@@ -21,6 +19,8 @@ from dilated_attn_sparse.validation import (
 )
 
 if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+
     from dilated_attn_sparse.patterns import SparsePattern
 
 
@@ -80,6 +80,9 @@ class BlockMaskCache:
             if mask is not None:
                 self._masks.move_to_end(key)
                 return mask
+            # FlexAttention (and the compiler stack it brings) loads with the first mask built.
+            from dilated_attn_sparse.masks import build_block_mask
+
             mask = build_block_mask(
                 pattern, seq_len, num_heads, batch=batch, block_size=block_size, causal=causal, device=device
             )

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch.nn.attention.flex_attention import and_masks, or_masks
 
 from dilated_attn_sparse.predicates import MaskMod, arguments_read
 from dilated_attn_sparse.validation import check_block_size
@@ -340,6 +339,8 @@ class AnyOf(SparsePattern):
         return _any_extents(self.parts, device)
 
     def mask_mod(self, seq_len: int, device: torch.device) -> MaskMod:
+        from torch.nn.attention.flex_attention import or_masks
+
         return or_masks(*(p.mask_mod(seq_len, device) for p in self.parts))
 
 
@@ -360,6 +361,8 @@ class AllOf(SparsePattern):
         return _any_extents(self.parts, device)
 
     def mask_mod(self, seq_len: int, device: torch.device) -> MaskMod:
+        from torch.nn.attention.flex_attention import and_masks
+
         return and_masks(*(p.mask_mod(seq_len, device) for p in self.parts))
 
 

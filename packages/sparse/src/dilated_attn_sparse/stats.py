@@ -6,12 +6,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask
 
 from dilated_attn_sparse.cache import block_masks, canonical_device
 from dilated_attn_sparse.validation import check_block_size, check_seq_len, clamp_block_size
 
 if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+
     from dilated_attn_sparse.patterns import SparsePattern
 
 # Mask entries evaluated at once when counting the allowed pairs of partial blocks.
