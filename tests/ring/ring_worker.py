@@ -87,12 +87,23 @@ def cases(world: int) -> dict[str, Case]:
     return out
 
 
-# name -> (substring every rank's ValueError must contain)
-ERROR_CASES = {
-    "n_local-differs": "n_local",
-    "heads-differ": "heads",
-    "dtype-differs": "dtype",
-    "causal-differs": "causal",
+# name -> (the class every rank must raise, substrings of the one message every rank raises).
+# "last" below is the last rank of the group; the others pass valid, matching arguments.
+ERROR_CASES: dict[str, tuple[str, tuple[str, ...]]] = {
+    # Valid on every rank, different across ranks: caught by comparing fingerprints.
+    "n_local-differs": ("ValueError", ("n_local",)),
+    "heads-differ": ("ValueError", ("heads",)),
+    "dtype-differs": ("ValueError", ("dtype",)),
+    "causal-differs": ("ValueError", ("causal",)),
+    # Rejected by one rank's own checks: every rank must raise that rank's error.
+    "rate-exceeds-segment": ("ValueError", ("rank {last} of", "dilation_rates")),
+    "qkv-dtypes-differ": ("TypeError", ("rank {last} of", "v.dtype=torch.float32 must equal q.dtype")),
+    "shape-wrong": ("ValueError", ("rank {last} of", "k.shape=(1, 3, 3, 8) must equal q.shape")),
+    "tensor-rank-wrong": ("ValueError", ("rank {last} of", "it must have rank 4")),
+    "causal-not-bool": ("TypeError", ("rank {last} of", "causal='yes' must be a bool")),
+    "scale-nan-on-rank-0": ("ValueError", ("rank 0 of", "scale=nan must be a finite positive number")),
+    # Two ranks fail differently: one error naming both, a ValueError as the kinds differ.
+    "two-ranks-fail": ("ValueError", ("ranks 0, {last} of", "rank 0: ", "mode=", "rank {last}: ", "v.dtype")),
 }
 
 
@@ -190,23 +201,39 @@ def _oracle_errors(name: str, case: Case, parts: list[Any], layout: list[list[in
     return {"case": asdict(case), "errors": worst, "control": control}
 
 
-def _run_error_case(name: str) -> tuple[str, str]:
+def _run_error_case(name: str, group: Any) -> tuple[str, str]:
     from dilated_attn_ring import ring_dilated_attention
 
     rank, world = dist.get_rank(), dist.get_world_size()
     last = rank == world - 1
-    m, h, dtype, causal = 4, 3, torch.float64, False
+    m, h, dtype, causal, rates, mode = 4, 3, torch.float64, False, [1], "longnet"
+    q = k = v = torch.randn(1, m, h, 8, dtype=dtype)
+    kwargs: dict[str, Any] = {}
     if name == "n_local-differs" and last:
-        m = 5
+        q = k = v = torch.randn(1, 5, h, 8, dtype=dtype)
     if name == "heads-differ" and last:
-        h = 2
+        q = k = v = torch.randn(1, m, 2, 8, dtype=dtype)
     if name == "dtype-differs" and last:
-        dtype = torch.float32
+        q = k = v = q.float()
     if name == "causal-differs" and last:
         causal = True
-    q = torch.randn(1, m, h, 8, dtype=dtype)
+    if name == "rate-exceeds-segment" and last:
+        rates = [8]
+    if name in ("qkv-dtypes-differ", "two-ranks-fail") and last:
+        v = v.float()
+    if name == "shape-wrong" and last:
+        k = k[:, :3]
+    if name == "tensor-rank-wrong" and last:
+        q = q[0]
+    if name == "causal-not-bool" and last:
+        kwargs["causal"] = "yes"
+    if name == "scale-nan-on-rank-0" and rank == 0:
+        kwargs["scale"] = float("nan")
+    if name == "two-ranks-fail" and rank == 0:
+        mode = "dense"
+    kwargs.setdefault("causal", causal)
     try:
-        ring_dilated_attention(q, q, q, [6], [1], causal=causal)
+        ring_dilated_attention(q, k, v, [6], rates, group=group, mode=mode, **kwargs)
     except Exception as exc:  # recorded and judged by the test
         return type(exc).__name__, str(exc)
     return "", ""
@@ -285,9 +312,12 @@ def main() -> None:
                 layout = _group_layout(case.groups, world)
                 results[name] = _oracle_errors(name, case, [p for p, _ in gathered], layout)
 
+    # A short timeout: a rank left waiting for one that gave up fails in seconds with a timeout
+    # error (not the ValueError the test wants) instead of hanging the launch.
+    impatient = dist.new_group(list(range(world)), timeout=timedelta(seconds=10))
     for name in ERROR_CASES:
         raised: list[Any] = [None] * world
-        dist.all_gather_object(raised, _run_error_case(name))
+        dist.all_gather_object(raised, _run_error_case(name, impatient))
         results[f"error:{name}"] = {"raised": raised}
 
     try:
