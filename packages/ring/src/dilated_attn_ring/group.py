@@ -48,11 +48,17 @@ class GroupInfo:
     rank: int
 
 
-def _mesh_group(group: object) -> dist.ProcessGroup | None:
-    """The process group of a 1-D mesh or of one dimension of a mesh; ``None`` if not a mesh form."""
+def _is_mesh_form(group: object) -> bool:
     from torch.distributed.device_mesh import DeviceMesh
 
-    if isinstance(group, DeviceMesh):
+    return isinstance(group, DeviceMesh) or (
+        isinstance(group, tuple) and len(group) == 2 and isinstance(group[0], DeviceMesh)
+    )
+
+
+def _mesh_group(group: Any) -> dist.ProcessGroup:
+    """The process group of a 1-D mesh or of one dimension of a mesh."""
+    if not isinstance(group, tuple):
         if group.ndim != 1:
             names = group.mesh_dim_names
             example = f"mesh[{names[0]!r}] or (mesh, {names[0]!r})" if names else "(mesh, 0)"
@@ -61,23 +67,23 @@ def _mesh_group(group: object) -> dist.ProcessGroup | None:
                 f"split along, e.g. group={example}"
             )
         return group.get_group()
-    if isinstance(group, tuple) and len(group) == 2 and isinstance(group[0], DeviceMesh):
-        mesh, dim = group
-        if isinstance(dim, bool) or not isinstance(dim, (int, str)):
-            raise TypeError(f"group=(mesh, {dim!r}): the dimension must be a mesh dimension name or index")
-        names = mesh.mesh_dim_names or ()
-        if isinstance(dim, str) and dim not in names:
-            raise ValueError(f"group=(mesh, {dim!r}): the mesh has dimensions named {names}")
-        if isinstance(dim, int) and not 0 <= dim < mesh.ndim:
-            raise ValueError(f"group=(mesh, {dim}): the mesh has {mesh.ndim} dimension(s)")
-        return mesh.get_group(dim)
-    return None
+    mesh, dim = group
+    if isinstance(dim, bool) or not isinstance(dim, (int, str)):
+        raise TypeError(f"group=(mesh, {dim!r}): the dimension must be a mesh dimension name or index")
+    names = mesh.mesh_dim_names or ()
+    if isinstance(dim, str) and dim not in names:
+        raise ValueError(f"group=(mesh, {dim!r}): the mesh has dimensions named {names}")
+    if isinstance(dim, int) and not 0 <= dim < mesh.ndim:
+        raise ValueError(f"group=(mesh, {dim}): the mesh has {mesh.ndim} dimension(s)")
+    return mesh.get_group(dim)
 
 
 def resolve_group(group: object) -> GroupInfo:
     """``group`` (see the module docstring) or the default group, which must be initialised."""
     if not dist.is_available():
         raise ValueError(f"group={group!r}: torch.distributed is not available in this PyTorch build")
+    if group is not None and not isinstance(group, dist.ProcessGroup) and not _is_mesh_form(group):
+        raise TypeError(f"group={group!r} (a {type(group).__name__}) must be {_GROUP_RULE}")
     if not dist.is_initialized():
         raise ValueError(
             f"group={group!r}: no process group is initialised; call "
@@ -89,8 +95,6 @@ def resolve_group(group: object) -> GroupInfo:
         resolved = group
     else:
         resolved = _mesh_group(group)
-        if resolved is None:
-            raise TypeError(f"group={group!r} (a {type(group).__name__}) must be {_GROUP_RULE}")
     assert resolved is not None
     rank = dist.get_rank(resolved)
     if rank < 0:
