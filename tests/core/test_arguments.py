@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from dilated_attn import LongNetLM, MultiheadDilatedAttention, dilated_attention, get_pool
 from dilated_attn.modules import DilatedAttention
 from dilated_attn.pool import PythonBufferPool
@@ -62,8 +61,16 @@ def test_unknown_keywords_are_type_errors(kwargs):
 
 @pytest.mark.parametrize(
     "scale, error",
-    [(1e38, ValueError), (float("inf"), ValueError), (float("nan"), ValueError), (0.0, ValueError),
-     (-1.0, ValueError), ("0.1", TypeError), (True, TypeError), (torch.tensor(0.1), TypeError)],
+    [
+        (1e38, ValueError),
+        (float("inf"), ValueError),
+        (float("nan"), ValueError),
+        (0.0, ValueError),
+        (-1.0, ValueError),
+        ("0.1", TypeError),
+        (True, TypeError),
+        (torch.tensor(0.1), TypeError),
+    ],
 )
 def test_scale_rule(scale, error):
     q, k, v = _qkv()

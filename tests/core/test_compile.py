@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dilated_attn import MultiheadDilatedAttention, dilated_attention
 from dilated_attn.registry import get_registry
 

@@ -7,7 +7,6 @@ import pathlib
 
 import pytest
 import torch
-
 from dilated_attn import dilated_attention, hookimpl
 from dilated_attn.pattern import DilationPattern
 from dilated_attn.reference import dilated_attention_reference
@@ -65,7 +64,9 @@ def test_auto_uses_narrow_backend_inside_its_range_and_falls_back_outside(narrow
 
 def test_named_backend_outside_its_range_is_refused(narrow):
     q, k, v = _qkv(d=8, dtype=torch.float32)
-    with pytest.raises(ValueError, match=r"backend='narrow' cannot run these inputs: head_dim 8 outside \[16, 32\]"):
+    with pytest.raises(
+        ValueError, match=r"backend='narrow' cannot run these inputs: head_dim 8 outside \[16, 32\]"
+    ):
         dilated_attention(q, k, v, [8], [1], backend="narrow")
 
 
@@ -113,7 +114,13 @@ def test_grouped_query_attention_matches_oracle_on_repeated_kv(h, h_kv, causal, 
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     rep = h // h_kv
     ref = dilated_attention_reference(
-        q64, k64.repeat_interleave(rep, 2), v64.repeat_interleave(rep, 2), [6, 12], [2, 3], mode=mode, causal=causal
+        q64,
+        k64.repeat_interleave(rep, 2),
+        v64.repeat_interleave(rep, 2),
+        [6, 12],
+        [2, 3],
+        mode=mode,
+        causal=causal,
     )
     fwd_tol, grad_tol = TOLERANCES[torch.float32]
     assert relative_error(out, ref) <= fwd_tol
@@ -169,7 +176,11 @@ def test_no_import_cycle(package, src):
     # a cycle worth the name runs through modules that do work (functional -> registry -> ...).
     facades = {name for name, path in modules.items() if path.name == "__init__.py"}
     graph = {
-        name: {t for t in _top_level_imports(path, package, set(modules)) if t in modules and t not in facades and t != name}
+        name: {
+            t
+            for t in _top_level_imports(path, package, set(modules))
+            if t in modules and t not in facades and t != name
+        }
         for name, path in modules.items()
     }
     state: dict[str, int] = {}
@@ -178,7 +189,7 @@ def test_no_import_cycle(package, src):
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycle = stack[stack.index(nxt):] + [nxt] if nxt in stack else [node, nxt]
+                cycle = stack[stack.index(nxt) :] + [nxt] if nxt in stack else [node, nxt]
                 raise AssertionError(f"import cycle: {' -> '.join(cycle)}")
             if nxt not in state:
                 visit(nxt, stack + [nxt])

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from dilated_attn import dilated_attention
+from dilated_attn.cache import metadata_cache
 from dilated_attn.ops import dilated_backward, dilated_forward, jobs_for
 from dilated_attn.pattern import DilationPattern
-from dilated_attn.cache import metadata_cache
 from dilated_attn.reference import dilated_attention_reference
 from dilated_attn.testing import BackendConformance, relative_error
 from hypothesis import given, settings

@@ -9,7 +9,6 @@ import textwrap
 
 import pytest
 import torch
-
 from dilated_attn import __main__ as cli
 from dilated_attn import dilated_attention, registry
 from dilated_attn.registry import PluginWarning, build_registry

@@ -194,7 +194,9 @@ def test_auto_skips_backends_without_dropout():
         @hookimpl
         def dilated_attn_register_attention(self, register):
             def fn(q, k, v, pattern, request):
-                assert request.dropout_p == 0.0, "auto must not pick a backend without dropout for dropout_p > 0"
+                assert request.dropout_p == 0.0, (
+                    "auto must not pick a backend without dropout for dropout_p > 0"
+                )
                 return get_backend("sdpa").fn(q, k, v, pattern, request)
 
             register("fast-no-dropout", fn, devices=("cpu",), dropout=False, priority=1000)
@@ -207,7 +209,9 @@ def test_auto_skips_backends_without_dropout():
         assert registry.select(_request(dropout_p=0.5)).name != "fast-no-dropout"
         out = dilated_attention(q, q, q, [8], [1], dropout_p=0.5)
         assert out.shape == q.shape
-        with pytest.raises(ValueError, match="backend='fast-no-dropout' cannot run these inputs: dropout_p=0.5"):
+        with pytest.raises(
+            ValueError, match="backend='fast-no-dropout' cannot run these inputs: dropout_p=0.5"
+        ):
             dilated_attention(q, q, q, [8], [1], dropout_p=0.5, backend="fast-no-dropout")
     finally:
         registry.unregister(name)

@@ -19,8 +19,8 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from dilated_attn import hookimpl  # noqa: E402
-from dilated_attn.functional import build_request, dilated_attention  # noqa: E402
 from dilated_attn.backends.triton import DTYPES, HEAD_DIMS, register_triton, triton_backend  # noqa: E402
+from dilated_attn.functional import build_request, dilated_attention  # noqa: E402
 from dilated_attn.kernels import op, tuning  # noqa: E402
 from dilated_attn.kernels.launches import plan_launches  # noqa: E402
 from dilated_attn.reference import dilated_attention_reference  # noqa: E402
@@ -313,14 +313,18 @@ def test_rejects_float64_and_unknown_kwargs():
     with pytest.raises(ValueError, match="dtype torch.float64 not in"):
         triton_dilated_attention(q, q, q, [8], [1])
     with pytest.raises(ValueError, match="key_padding_mask not supported"):
-        triton_dilated_attention(q.float(), q.float(), q.float(), [8], [1], key_padding_mask=torch.zeros(1, 16, dtype=torch.bool))
+        triton_dilated_attention(
+            q.float(), q.float(), q.float(), [8], [1], key_padding_mask=torch.zeros(1, 16, dtype=torch.bool)
+        )
     with pytest.raises(TypeError, match="unexpected keyword arguments"):
         triton_dilated_attention(q.float(), q.float(), q.float(), [8], [1], block_size=3)
 
 
 def test_rejects_cpu_tensors():
     q = torch.randn(1, 16, 2, 16)
-    with pytest.raises(ValueError, match=r"backend='triton' cannot run these inputs: device 'cpu' not in \('cuda',\)"):
+    with pytest.raises(
+        ValueError, match=r"backend='triton' cannot run these inputs: device 'cpu' not in \('cuda',\)"
+    ):
         dilated_attention(q, q, q, [8], [1], backend="triton")
 
 

@@ -87,12 +87,23 @@ def cases(world: int) -> dict[str, Case]:
     return out
 
 
-# name -> (substring every rank's ValueError must contain)
-ERROR_CASES = {
-    "n_local-differs": "n_local",
-    "heads-differ": "heads",
-    "dtype-differs": "dtype",
-    "causal-differs": "causal",
+# name -> (the class every rank must raise, substrings of the one message every rank raises).
+# "last" below is the last rank of the group; the others pass valid, matching arguments.
+ERROR_CASES: dict[str, tuple[str, tuple[str, ...]]] = {
+    # Valid on every rank, different across ranks: caught by comparing fingerprints.
+    "n_local-differs": ("ValueError", ("n_local",)),
+    "heads-differ": ("ValueError", ("heads",)),
+    "dtype-differs": ("ValueError", ("dtype",)),
+    "causal-differs": ("ValueError", ("causal",)),
+    # Rejected by one rank's own checks: every rank must raise that rank's error.
+    "rate-exceeds-segment": ("ValueError", ("rank {last} of", "dilation_rates")),
+    "qkv-dtypes-differ": ("TypeError", ("rank {last} of", "v.dtype=torch.float32 must equal q.dtype")),
+    "shape-wrong": ("ValueError", ("rank {last} of", "k.shape=(1, 3, 3, 8) must equal q.shape")),
+    "tensor-rank-wrong": ("ValueError", ("rank {last} of", "it must have rank 4")),
+    "causal-not-bool": ("TypeError", ("rank {last} of", "causal='yes' must be a bool")),
+    "scale-nan-on-rank-0": ("ValueError", ("rank 0 of", "scale=nan must be a finite positive number")),
+    # Two ranks fail differently: one error naming both, a ValueError as the kinds differ.
+    "two-ranks-fail": ("ValueError", ("ranks 0, {last} of", "rank 0: ", "mode=", "rank {last}: ", "v.dtype")),
 }
 
 
@@ -190,23 +201,39 @@ def _oracle_errors(name: str, case: Case, parts: list[Any], layout: list[list[in
     return {"case": asdict(case), "errors": worst, "control": control}
 
 
-def _run_error_case(name: str) -> tuple[str, str]:
+def _run_error_case(name: str, group: Any) -> tuple[str, str]:
     from dilated_attn_ring import ring_dilated_attention
 
     rank, world = dist.get_rank(), dist.get_world_size()
     last = rank == world - 1
-    m, h, dtype, causal = 4, 3, torch.float64, False
+    m, h, dtype, causal, rates, mode = 4, 3, torch.float64, False, [1], "longnet"
+    q = k = v = torch.randn(1, m, h, 8, dtype=dtype)
+    kwargs: dict[str, Any] = {}
     if name == "n_local-differs" and last:
-        m = 5
+        q = k = v = torch.randn(1, 5, h, 8, dtype=dtype)
     if name == "heads-differ" and last:
-        h = 2
+        q = k = v = torch.randn(1, m, 2, 8, dtype=dtype)
     if name == "dtype-differs" and last:
-        dtype = torch.float32
+        q = k = v = q.float()
     if name == "causal-differs" and last:
         causal = True
-    q = torch.randn(1, m, h, 8, dtype=dtype)
+    if name == "rate-exceeds-segment" and last:
+        rates = [8]
+    if name in ("qkv-dtypes-differ", "two-ranks-fail") and last:
+        v = v.float()
+    if name == "shape-wrong" and last:
+        k = k[:, :3]
+    if name == "tensor-rank-wrong" and last:
+        q = q[0]
+    if name == "causal-not-bool" and last:
+        kwargs["causal"] = "yes"
+    if name == "scale-nan-on-rank-0" and rank == 0:
+        kwargs["scale"] = float("nan")
+    if name == "two-ranks-fail" and rank == 0:
+        mode = "dense"
+    kwargs.setdefault("causal", causal)
     try:
-        ring_dilated_attention(q, q, q, [6], [1], causal=causal)
+        ring_dilated_attention(q, k, v, [6], rates, group=group, mode=mode, **kwargs)
     except Exception as exc:  # recorded and judged by the test
         return type(exc).__name__, str(exc)
     return "", ""
@@ -249,6 +276,95 @@ def _run_module_case() -> dict[str, Any]:
     }
 
 
+# label -> (the mesh dimension the sequence is split along, how group= names it, causal)
+MESH_CASES: dict[str, tuple[str, str, bool]] = {
+    "submesh": ("sp", "mesh['sp']", True),
+    "pair-by-name": ("sp", "(mesh, 'sp')", False),
+    "pair-by-index": ("sp", "(mesh, 1)", True),
+    "split-along-dp": ("dp", "(mesh, 'dp')", True),
+}
+
+# group= forms that name no group (message substring each rank must raise).
+BAD_GROUPS: dict[str, tuple[str, str]] = {
+    "a-string": (
+        "TypeError",
+        "group='sp' (a str) must be a torch.distributed ProcessGroup, a 1-D DeviceMesh",
+    ),
+    "rank-list": ("TypeError", "group=[0, 1] (a list) must be"),
+    "2d-mesh": ("ValueError", "is a 2-D DeviceMesh: name the dimension the sequence is split along"),
+    "unknown-dim-name": ("ValueError", "group=(mesh, 'tp'): the mesh has dimensions named ('dp', 'sp')"),
+    "dim-out-of-range": ("ValueError", "group=(mesh, 2): the mesh has 2 dimension(s)"),
+    "dim-not-int-or-str": (
+        "TypeError",
+        "group=(mesh, 1.5): the dimension must be a mesh dimension name or index",
+    ),
+}
+
+
+def _run_mesh_cases() -> dict[str, Any]:
+    """A 2 x 2 (dp, sp) mesh: each dp replica has its own batch, its sequence split along one dim.
+
+    Each rank compares its rows with the float64 oracle on its replica's whole sequence, forward
+    and the gradients of q, k, v (a loss over all rows of the replica, each rank holding its part).
+    """
+    from dilated_attn.reference import dilated_attention_reference
+    from dilated_attn.testing import relative_error
+    from dilated_attn_ring import ring_dilated_attention
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "sp"))
+    forms = {
+        "mesh['sp']": mesh["sp"],
+        "(mesh, 'sp')": (mesh, "sp"),
+        "(mesh, 1)": (mesh, 1),
+        "(mesh, 'dp')": (mesh, "dp"),
+    }
+    m, w, r, h = GEOMETRIES["larger"]
+    report: dict[str, Any] = {}
+    for label, (split, form, causal) in MESH_CASES.items():
+        other = "dp" if split == "sp" else "sp"
+        replica, position, parts = mesh.get_local_rank(other), mesh.get_local_rank(split), mesh[split].size()
+        case = Case(m, w, r, h, "longnet", causal, batch=2)
+        q64, k64, v64, dout, dlse = _inputs(case, m * parts, seed=1000 + replica)
+        rows = slice(position * m, (position + 1) * m)
+        q, k, v = (t[:, rows].clone().requires_grad_() for t in (q64, k64, v64))
+        out, lse = ring_dilated_attention(q, k, v, w, r, group=forms[form], causal=causal, return_lse=True)
+        _loss(out, lse, dout[:, rows], dlse[:, rows]).backward()
+        q64, k64, v64 = (t.requires_grad_() for t in (q64, k64, v64))
+        ref_out, ref_lse = dilated_attention_reference(q64, k64, v64, w, r, causal=causal, return_lse=True)
+        _loss(ref_out, ref_lse, dout, dlse).backward()
+        got = (out, lse, q.grad, k.grad, v.grad)
+        expected = (ref_out, ref_lse, q64.grad, k64.grad, v64.grad)
+        errors = {
+            key: relative_error(a, e[:, rows])  # type: ignore[index]
+            for key, a, e in zip(("out", "lse", "dq", "dk", "dv"), got, expected)
+        }
+        # Negative control: another replica's rows (its own data) must not match.
+        control = relative_error(
+            out,
+            dilated_attention_reference(
+                *_inputs(case, m * parts, seed=1000 + 1 - replica)[:3], w, r, causal=causal
+            )[:, rows],
+        )
+        report[label] = {"errors": errors, "control": control}
+    bad = {
+        "a-string": "sp",
+        "rank-list": [0, 1],
+        "2d-mesh": mesh,
+        "unknown-dim-name": (mesh, "tp"),
+        "dim-out-of-range": (mesh, 2),
+        "dim-not-int-or-str": (mesh, 1.5),
+    }
+    q = torch.randn(1, m, h, 8, dtype=torch.float64)
+    for label, group in bad.items():
+        try:
+            ring_dilated_attention(q, q, q, w, r, group=group)
+            report[f"bad:{label}"] = ("", "")
+        except Exception as exc:  # judged by the test
+            report[f"bad:{label}"] = (type(exc).__name__, str(exc))
+    return report
+
+
 def main() -> None:
     store, out_path = sys.argv[1], sys.argv[2]
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -285,10 +401,22 @@ def main() -> None:
                 layout = _group_layout(case.groups, world)
                 results[name] = _oracle_errors(name, case, [p for p, _ in gathered], layout)
 
+    # A short timeout: a rank left waiting for one that gave up fails in seconds with a timeout
+    # error (not the ValueError the test wants) instead of hanging the launch.
+    impatient = dist.new_group(list(range(world)), timeout=timedelta(seconds=10))
     for name in ERROR_CASES:
         raised: list[Any] = [None] * world
-        dist.all_gather_object(raised, _run_error_case(name))
+        dist.all_gather_object(raised, _run_error_case(name, impatient))
         results[f"error:{name}"] = {"raised": raised}
+
+    if world == 4:
+        mesh_report: list[Any] = [None] * world
+        try:
+            mine: Any = _run_mesh_cases()
+        except Exception:
+            mine = {"failure": traceback.format_exc()}
+        dist.all_gather_object(mesh_report, mine)
+        results["mesh"] = mesh_report
 
     try:
         results["module"] = _run_module_case()

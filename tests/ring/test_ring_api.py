@@ -74,3 +74,12 @@ def test_functional_routes_to_ring_backend(monkeypatch: pytest.MonkeyPatch, no_p
             dilated_attention(q, q, q, [4], [1], backend="ring")
     finally:
         registry.unregister(name)
+
+
+@pytest.mark.parametrize("group", ["sp", [0, 1], 0, ("mesh", "sp"), object()])
+def test_group_of_another_kind_is_a_type_error(group: object, no_process_group: None) -> None:
+    q = torch.randn(1, 8, 2, 4)
+    with pytest.raises(
+        TypeError, match=r"group=.* must be a torch.distributed ProcessGroup, a 1-D DeviceMesh"
+    ):
+        ring_dilated_attention(q, q, q, [4], [1], group=group)

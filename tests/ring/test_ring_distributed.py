@@ -82,13 +82,20 @@ def test_matches_oracle(report: tuple[int, dict[str, Any]], name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(ring_worker.ERROR_CASES))
-def test_disagreeing_ranks_all_raise(report: tuple[int, dict[str, Any]], name: str) -> None:
+def test_disagreeing_or_invalid_ranks_all_raise_the_same_error(
+    report: tuple[int, dict[str, Any]], name: str
+) -> None:
     world, results = report
     raised = results[f"error:{name}"]["raised"]
     assert len(raised) == world
-    for kind, message in raised:
-        assert kind == "ValueError", message
-        assert ring_worker.ERROR_CASES[name] in message and "rank" in message
+    kind, pieces = ring_worker.ERROR_CASES[name]
+    first_kind, first_message = raised[0]
+    assert first_kind == kind, first_message
+    for piece in pieces:
+        assert piece.format(last=world - 1) in first_message, first_message
+    assert "rank" in first_message
+    # The same error on every rank: none of them hung (the group's timeout is 10 s) or went on.
+    assert all(entry == raised[0] for entry in raised), raised
 
 
 def test_multihead_module_with_ring_backend(report: tuple[int, dict[str, Any]]) -> None:
@@ -99,3 +106,37 @@ def test_multihead_module_with_ring_backend(report: tuple[int, dict[str, Any]]) 
     assert result["errors"]["out"] <= fwd_tol
     assert result["errors"]["dx"] <= grad_tol
     assert result["errors"]["dW_q"] <= grad_tol
+
+
+@pytest.mark.parametrize("label", sorted(ring_worker.MESH_CASES))
+def test_two_dimensional_mesh_splits_the_sequence_along_one_dimension(
+    report: tuple[int, dict[str, Any]], label: str
+) -> None:
+    world, results = report
+    if world != 4:
+        pytest.skip("the 2 x 2 (dp, sp) mesh needs 4 processes")
+    fwd_tol, grad_tol = TOLERANCES[torch.float64]
+    for rank, per_rank in enumerate(results["mesh"]):
+        assert "failure" not in per_rank, per_rank.get("failure")
+        errors = per_rank[label]["errors"]
+        for key, tol in (
+            ("out", fwd_tol),
+            ("lse", fwd_tol),
+            ("dq", grad_tol),
+            ("dk", grad_tol),
+            ("dv", grad_tol),
+        ):
+            assert errors[key] <= tol, f"rank {rank}: {key} relative error {errors[key]:.3e} > {tol:g}"
+        assert per_rank[label]["control"] > 1e-3, "the other replica's rows must differ"
+
+
+@pytest.mark.parametrize("label", sorted(ring_worker.BAD_GROUPS))
+def test_group_that_names_no_group_is_refused(report: tuple[int, dict[str, Any]], label: str) -> None:
+    world, results = report
+    if world != 4:
+        pytest.skip("the 2 x 2 (dp, sp) mesh needs 4 processes")
+    kind, message = ring_worker.BAD_GROUPS[label]
+    for per_rank in results["mesh"]:
+        assert "failure" not in per_rank, per_rank.get("failure")
+        got_kind, got_message = per_rank[f"bad:{label}"]
+        assert got_kind == kind and message in got_message, (got_kind, got_message)

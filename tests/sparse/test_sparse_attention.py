@@ -7,6 +7,7 @@ import sparse_rules as rules
 import torch
 from dilated_attn.testing import relative_error
 from dilated_attn_sparse import (
+    block_masks,
     block_sparse_attention,
     dilated_blocks,
     from_mask_mod,
@@ -131,3 +132,28 @@ def test_scale_is_applied():
     out = block_sparse_attention(q, k, v, local_window(5), scale=0.7, block_size=16)
     ref = masked_attention_reference(q, k, v, rules.dense(rules.local(5), 40, 2), scale=0.7)
     assert relative_error(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("n, covering", [(64, 128), (1, 128), (129, 256), (300, 512)])
+@pytest.mark.parametrize("block_size", [2**20, 2**40, 2**62])
+def test_huge_block_size_is_capped_at_the_sequence(n, covering, block_size):
+    # One block covering the sequence gives the same result as any larger block, without the
+    # block_size ** 2 mask FlexAttention would evaluate for it.
+    mask = block_masks.get(local_window(5), n, 2, block_size=block_size)
+    assert mask.BLOCK_SIZE == (covering, covering)
+    _check(
+        local_window(5),
+        rules.local(5),
+        causal=True,
+        dtype=torch.float32,
+        n=n,
+        heads=2,
+        block_size=block_size,
+        batch=1,
+    )
+    stats = local_window(5).stats(n, num_heads=2, block_size=block_size)
+    assert stats.block_size == covering and stats.blocks_total == 2
+
+
+def test_small_block_size_is_kept():
+    assert block_masks.get(local_window(5), 64, 2, block_size=16).BLOCK_SIZE == (16, 16)

@@ -11,6 +11,7 @@ from dilated_attn_sparse import (
     dilated_blocks,
     local_window,
 )
+from dilated_attn_sparse.cache import block_mask_nbytes
 
 
 def test_second_call_builds_no_mask():
@@ -47,8 +48,9 @@ def test_head_independent_mask_serves_any_head_count():
 
 
 def test_least_recently_used_is_evicted():
-    cache = BlockMaskCache(maxsize=2)
     a, b, c = local_window(1), local_window(2), local_window(3)
+    size = block_mask_nbytes(BlockMaskCache().get(a, 32, 1, block_size=8))
+    cache = BlockMaskCache(budget_bytes=2 * size + size // 2)
     cache.get(a, 32, 1, block_size=8)
     cache.get(b, 32, 1, block_size=8)
     cache.get(a, 32, 1, block_size=8)  # a is now the most recent
@@ -60,6 +62,13 @@ def test_least_recently_used_is_evicted():
     assert cache.builds == 4
 
 
-def test_maxsize_must_be_positive():
-    with pytest.raises(ValueError, match="maxsize=0 must be a positive int"):
-        BlockMaskCache(maxsize=0)
+def test_budget_must_be_a_non_negative_int():
+    with pytest.raises((TypeError, ValueError), match="budget"):
+        BlockMaskCache(budget_bytes=-1)
+
+
+def test_process_wide_masks_are_a_region_of_the_metadata_cache():
+    from dilated_attn.cache import cache_stats
+
+    block_masks.get(local_window(5), 48, 2, block_size=16)
+    assert cache_stats()["regions"]["sparse.block_masks"]["entries"] >= 1

@@ -44,8 +44,8 @@ def test_mask_builder_compiles_without_graph_breaks():
     device = torch.device("cpu")
     for pattern in (local_window(2), local_window(5)):
         mask_mod = pattern.mask_mod(40, device)
-        mask = compiled(_create, ("test-mask", 40), backend=backend)(mask_mod, None, 40, 8, device)
-        expected = _create(mask_mod, None, 40, 8, device)
+        mask = compiled(_create, ("test-mask", 40), backend=backend)(mask_mod, None, None, 40, 8, device)
+        expected = _create(mask_mod, None, None, 40, 8, device)
         assert torch.equal(mask.kv_num_blocks, expected.kv_num_blocks)
         assert torch.equal(mask.kv_indices, expected.kv_indices)
         assert torch.equal(mask.full_kv_num_blocks, expected.full_kv_num_blocks)

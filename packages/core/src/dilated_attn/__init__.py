@@ -7,8 +7,8 @@ a pluggy registry through which backends (ring, block-sparse, fused kernels, thi
 
 from dilated_attn.decoding import dilated_attention_with_kvcache
 from dilated_attn.functional import dilated_attention
-from dilated_attn.kvcache import DilatedKVCache, KVCacheBudgetError
 from dilated_attn.hookspecs import hookimpl
+from dilated_attn.kvcache import DilatedKVCache, KVCacheBudgetError
 from dilated_attn.models import LongNetLM
 from dilated_attn.modules import DilatedAttention, MultiheadDilatedAttention
 from dilated_attn.pattern import DilationPattern

@@ -80,7 +80,11 @@ def choose_backend(backend: object, request: Request) -> AttentionBackend:
             )
             raise TypeError(
                 f"dilated_attention() got unexpected keyword arguments {sorted(request.options)}; "
-                + (f"they are options of backend(s) {takers}: pass backend=..." if takers else "no backend takes them")
+                + (
+                    f"they are options of backend(s) {takers}: pass backend=..."
+                    if takers
+                    else "no backend takes them"
+                )
             )
         return registry.select(request)
     chosen = registry.attention(backend)

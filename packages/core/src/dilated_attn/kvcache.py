@@ -29,8 +29,8 @@ import torch
 
 from dilated_attn.cache import metadata_cache
 from dilated_attn.pattern import DilationPattern, check_mode
-from dilated_attn.validation import check_int
 from dilated_attn.pool import BufferPool, Lease, PoolBudgetError
+from dilated_attn.validation import check_int
 
 # Slot tables are int32 of (num_kv_heads, period) entries; past this many positions per period the
 # table itself would outweigh the cache it lays out.

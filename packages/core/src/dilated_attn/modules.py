@@ -263,7 +263,9 @@ class MultiheadDilatedAttention(nn.Module):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
             if t.dim() != 3 or t.shape[-1] != self.embed_dim:
                 layout = "batch, seq" if self.batch_first else "seq, batch"
-                raise ValueError(f"{name}.shape={tuple(t.shape)} must be ({layout}, embed_dim={self.embed_dim})")
+                raise ValueError(
+                    f"{name}.shape={tuple(t.shape)} must be ({layout}, embed_dim={self.embed_dim})"
+                )
         if key.shape[:2] != query.shape[:2] or value.shape[:2] != key.shape[:2]:
             raise ValueError(
                 f"query {tuple(query.shape)}, key {tuple(key.shape)} and value {tuple(value.shape)} must "
@@ -303,7 +305,9 @@ class MultiheadDilatedAttention(nn.Module):
                 "key_padding_mask and attn_mask None"
             )
         if self.training and attention.attention_dropout > 0:
-            raise ValueError(f"cache= has no attention dropout: call eval() (dropout={attention.attention_dropout})")
+            raise ValueError(
+                f"cache= has no attention dropout: call eval() (dropout={attention.attention_dropout})"
+            )
         if (
             cache.pattern != attention.pattern
             or cache.mode != attention.mode
@@ -318,7 +322,9 @@ class MultiheadDilatedAttention(nn.Module):
         if not self.batch_first:
             query = query.transpose(0, 1)
         if query.dim() != 3 or query.shape[-1] != self.embed_dim:
-            raise ValueError(f"query.shape={tuple(query.shape)} must be (batch, seq, embed_dim={self.embed_dim})")
+            raise ValueError(
+                f"query.shape={tuple(query.shape)} must be (batch, seq, embed_dim={self.embed_dim})"
+            )
         b, n, _ = query.shape
         q = self.q_proj(query).view(b, n, self.num_heads, self.head_dim)
         k = self.k_proj(query).view(b, n, self.num_kv_heads, self.head_dim)

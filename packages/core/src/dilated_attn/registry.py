@@ -101,7 +101,9 @@ class Capabilities:
             values["dtypes"] = value
         for mode in values.get("modes", ()):
             if mode not in MODES:
-                raise RegistrationError(f"{owner}: capability modes names unknown mode {mode!r}; known: {MODES}")
+                raise RegistrationError(
+                    f"{owner}: capability modes names unknown mode {mode!r}; known: {MODES}"
+                )
         if "head_dims" in values:
             value = tuple(values["head_dims"])
             if (
@@ -113,7 +115,16 @@ class Capabilities:
                     f"{owner}: capability head_dims={raw['head_dims']!r} must be (lowest, highest) ints, 1 <= lo <= hi"
                 )
             values["head_dims"] = (int(value[0]), int(value[1]))
-        for key in ("causal", "backward", "dropout", "key_padding_mask", "pool", "gqa", "distributed", "auto"):
+        for key in (
+            "causal",
+            "backward",
+            "dropout",
+            "key_padding_mask",
+            "pool",
+            "gqa",
+            "distributed",
+            "auto",
+        ):
             if key in values and not isinstance(values[key], bool):
                 raise RegistrationError(f"{owner}: capability {key}={values[key]!r} must be a bool")
         if "priority" in values:
@@ -272,7 +283,10 @@ class Registry:
         builtin_names: set[tuple[str, str]] = set()
         hook = self._pm.hook
         plugins: dict[str, tuple[PluginInfo, list[Any], list[Any]]] = {}
-        for kind, hookcaller in (("attention", hook.dilated_attn_register_attention), ("pool", hook.dilated_attn_register_pool)):
+        for kind, hookcaller in (
+            ("attention", hook.dilated_attn_register_attention),
+            ("pool", hook.dilated_attn_register_pool),
+        ):
             for impl in self._impls(hookcaller):
                 source = self._source_of(impl.plugin)
                 entry = plugins.setdefault(source.plugin, (source, [], []))
@@ -280,37 +294,9 @@ class Registry:
         order = sorted(plugins, key=lambda name: name != CORE_PLUGIN)
         for plugin_name in order:
             source, attention_impls, pool_impls = plugins[plugin_name]
-            mine_b: dict[str, AttentionBackend] = {}
-            mine_p: dict[str, PoolFactory] = {}
             is_core = plugin_name == CORE_PLUGIN
-
-            def register_attention(
-                name: str, fn: Any, *, replace: bool = False, _source: PluginInfo = source, **caps: Any
-            ) -> None:
-                _check_name("attention backend", name)
-                owner = f"attention backend {name!r} of plugin {_source.plugin!r}"
-                if not callable(fn):
-                    raise RegistrationError(f"{owner}: fn={fn!r} must be callable")
-                _check_taken("attention backend", name, replace, _source, backends, mine_b, builtin_names)
-                mine_b[name] = AttentionBackend(name, fn, Capabilities.build(owner, caps), _source)
-
-            def register_pool(
-                name: str, factory: Any, *, replace: bool = False, _source: PluginInfo = source, **caps: Any
-            ) -> None:
-                _check_name("pool", name)
-                if not callable(factory):
-                    raise RegistrationError(f"pool {name!r} of plugin {_source.plugin!r}: factory must be callable")
-                priority = caps.get("priority", 0)
-                if isinstance(priority, bool) or not isinstance(priority, numbers.Integral):
-                    raise RegistrationError(f"pool {name!r} of plugin {_source.plugin!r}: priority={priority!r} must be an int")
-                _check_taken("pool", name, replace, _source, pools, mine_p, builtin_names)
-                mine_p[name] = PoolFactory(name, factory, MappingProxyType(dict(caps)), _source)
-
             try:
-                for impl in attention_impls:
-                    impl.function(register=register_attention)
-                for impl in pool_impls:
-                    impl.function(register=register_pool)
+                mine_b, mine_p = _collect(source, attention_impls, pool_impls, backends, pools, builtin_names)
             except Exception as exc:
                 if is_core:
                     raise
@@ -410,6 +396,44 @@ class Registry:
         return max(self._pools.values(), key=lambda p: p.capabilities.get("priority", 0))
 
 
+def _collect(
+    source: PluginInfo,
+    attention_impls: list[Any],
+    pool_impls: list[Any],
+    backends: Mapping[str, AttentionBackend],
+    pools: Mapping[str, PoolFactory],
+    builtin_names: set[tuple[str, str]],
+) -> tuple[dict[str, AttentionBackend], dict[str, PoolFactory]]:
+    """Run one plugin's hooks; its registrations, or the first rule it broke as an exception."""
+    mine_b: dict[str, AttentionBackend] = {}
+    mine_p: dict[str, PoolFactory] = {}
+
+    def register_attention(name: str, fn: Any, *, replace: bool = False, **caps: Any) -> None:
+        _check_name("attention backend", name)
+        owner = f"attention backend {name!r} of plugin {source.plugin!r}"
+        if not callable(fn):
+            raise RegistrationError(f"{owner}: fn={fn!r} must be callable")
+        _check_taken("attention backend", name, replace, source, backends, mine_b, builtin_names)
+        mine_b[name] = AttentionBackend(name, fn, Capabilities.build(owner, caps), source)
+
+    def register_pool(name: str, factory: Any, *, replace: bool = False, **caps: Any) -> None:
+        _check_name("pool", name)
+        owner = f"pool {name!r} of plugin {source.plugin!r}"
+        if not callable(factory):
+            raise RegistrationError(f"{owner}: factory must be callable")
+        priority = caps.get("priority", 0)
+        if isinstance(priority, bool) or not isinstance(priority, numbers.Integral):
+            raise RegistrationError(f"{owner}: priority={priority!r} must be an int")
+        _check_taken("pool", name, replace, source, pools, mine_p, builtin_names)
+        mine_p[name] = PoolFactory(name, factory, MappingProxyType(dict(caps)), source)
+
+    for impl in attention_impls:
+        impl.function(register=register_attention)
+    for impl in pool_impls:
+        impl.function(register=register_pool)
+    return mine_b, mine_p
+
+
 def _check_taken(
     kind: str,
     name: str,
@@ -420,7 +444,9 @@ def _check_taken(
     builtin_names: set[tuple[str, str]],
 ) -> None:
     if not isinstance(replace, bool):
-        raise RegistrationError(f"{kind} {name!r} of plugin {source.plugin!r}: replace={replace!r} must be a bool")
+        raise RegistrationError(
+            f"{kind} {name!r} of plugin {source.plugin!r}: replace={replace!r} must be a bool"
+        )
     if name in mine:
         raise RegistrationError(f"{kind} {name!r} registered twice by plugin {source.plugin!r}")
     if name in taken and not replace:
@@ -481,10 +507,14 @@ def build_registry(*, autoload: bool = True) -> Registry:
         if allowed:
             for name in sorted(allowed - {ep.name for ep in eps}):
                 failures.append(
-                    _warn(PluginInfo(name), "lookup", LookupError(
-                        f"{LOAD_PLUGINS_ENV} names {name!r}, which matches no installed entry point in "
-                        f"group {ENTRY_POINT_GROUP!r}"
-                    ))
+                    _warn(
+                        PluginInfo(name),
+                        "lookup",
+                        LookupError(
+                            f"{LOAD_PLUGINS_ENV} names {name!r}, which matches no installed entry point in "
+                            f"group {ENTRY_POINT_GROUP!r}"
+                        ),
+                    )
                 )
         for ep in eps:
             if allowed is not None and ep.name not in allowed:
@@ -492,7 +522,9 @@ def build_registry(*, autoload: bool = True) -> Registry:
             info = _info(ep)
             if pm.has_plugin(ep.name):
                 if ep.name == CORE_PLUGIN:
-                    failures.append(_warn(info, "load", ValueError(f"entry point name {ep.name!r} is reserved")))
+                    failures.append(
+                        _warn(info, "load", ValueError(f"entry point name {ep.name!r} is reserved"))
+                    )
                 continue
             try:
                 plugin = ep.load()

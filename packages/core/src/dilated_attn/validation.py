@@ -36,8 +36,11 @@ def check_int(name: str, value: object, *, minimum: int = 1) -> int:
 
 def check_causal(causal: object, is_causal: object) -> bool:
     """``causal`` and ``is_causal`` (PyTorch's name) are one flag: either may be given, or both if equal."""
-    given = {name: check_bool(name, value) for name, value in (("causal", causal), ("is_causal", is_causal))
-             if value is not None}
+    given = {
+        name: check_bool(name, value)
+        for name, value in (("causal", causal), ("is_causal", is_causal))
+        if value is not None
+    }
     if len(set(given.values())) > 1:
         raise ValueError(
             f"causal={causal!r} and is_causal={is_causal!r} disagree; they are the same flag: pass one"

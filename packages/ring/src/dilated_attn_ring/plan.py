@@ -16,9 +16,9 @@ every rank that computes it.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
+from dilated_attn.cache import metadata_cache
 from dilated_attn.pattern import PatternJob
 
 
@@ -221,8 +221,19 @@ def _peers(rank: int, distance: int, world: int, causal: bool) -> tuple[list[int
     return send_to, recv_from
 
 
-@functools.lru_cache(maxsize=64)
+_PLANS = metadata_cache("ring.rank_plans")
+
+
 def rank_plan(jobs: tuple[PatternJob, ...], n_local: int, world: int, rank: int, causal: bool) -> RankPlan:
+    """The plan of ``rank`` for ``jobs`` (built for the global length ``world * n_local``), cached."""
+    return _PLANS.get_or_build(
+        (jobs, n_local, world, rank, causal), lambda: build_rank_plan(jobs, n_local, world, rank, causal)
+    )
+
+
+def build_rank_plan(
+    jobs: tuple[PatternJob, ...], n_local: int, world: int, rank: int, causal: bool
+) -> RankPlan:
     """The plan of ``rank`` for ``jobs`` (built for the global length ``world * n_local``)."""
     m, n = n_local, world * n_local
     runs: dict[tuple[int, int], list[PatternJob]] = {}

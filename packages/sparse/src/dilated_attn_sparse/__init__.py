@@ -4,9 +4,14 @@
 softmax per row over the keys a sparse pattern allows, skipping empty blocks. Patterns compose with
 ``|`` and ``&``. The "block_sparse" backend makes it available to ``dilated_attn`` as
 ``MultiheadDilatedAttention(..., backend="block_sparse", pattern=...)``.
+
+Importing the package (or building patterns) loads no FlexAttention and no compiler stack:
+:func:`block_sparse_attention` and the first block mask load them, so a program that installs the
+package but never runs it pays nothing.
 """
 
-from dilated_attn_sparse.attention import block_sparse_attention
+from typing import TYPE_CHECKING, Any
+
 from dilated_attn_sparse.cache import BlockMaskCache, block_masks
 from dilated_attn_sparse.patterns import (
     AllOf,
@@ -28,6 +33,9 @@ from dilated_attn_sparse.patterns import (
     union,
 )
 from dilated_attn_sparse.stats import SparsityStats, sparsity_stats
+
+if TYPE_CHECKING:
+    from dilated_attn_sparse.attention import block_sparse_attention
 
 __version__ = "0.1.0"
 
@@ -56,3 +64,16 @@ __all__ = [
     "union",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: the attention module imports FlexAttention, so it loads on first use.
+    if name == "block_sparse_attention":
+        from dilated_attn_sparse.attention import block_sparse_attention
+
+        return block_sparse_attention
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -18,19 +18,16 @@ from __future__ import annotations
 import abc
 import math
 import numbers
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch.nn.attention.flex_attention import and_masks, or_masks
 
+from dilated_attn_sparse.predicates import MaskMod, arguments_read
 from dilated_attn_sparse.validation import check_block_size
 
 if TYPE_CHECKING:
     from dilated_attn_sparse.stats import SparsityStats
-
-MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -56,6 +53,11 @@ class SparsePattern(abc.ABC):
     @abc.abstractmethod
     def mask_mod(self, seq_len: int, device: torch.device) -> MaskMod:
         """The predicate ``(b, h, q_idx, kv_idx) -> bool`` for sequences of ``seq_len`` tokens."""
+
+    def mask_extents(self, device: torch.device) -> tuple[bool, bool]:
+        """``(per_sequence, per_head)``: whether block masks on ``device`` must be built for every
+        sequence of the batch and for every head, rather than once and broadcast."""
+        return False, self.per_head
 
     def stats(
         self,
@@ -274,8 +276,10 @@ class FromMaskMod(SparsePattern):
     """A user predicate ``fn(b, h, q_idx, kv_idx) -> bool`` on index tensors.
 
     ``fn`` must be elementwise (FlexAttention evaluates it on scalars under ``vmap`` and on tiles of
-    indices) and must not depend on ``b``: masks are built once for every batch. Pass
-    ``per_head=False`` when it ignores ``h`` too, so that one mask serves every head.
+    indices). It may read the batch index ``b``: its masks are then built for every sequence of the
+    batch (``batch`` times the memory of one). Pass ``per_head=False`` when it ignores ``h``, so that
+    one mask serves every head; a ``fn`` that reads ``h`` with ``per_head=False`` is refused. Which
+    indices ``fn`` reads is found by tracing it (:mod:`.predicates`).
     """
 
     fn: MaskMod
@@ -291,6 +295,22 @@ class FromMaskMod(SparsePattern):
 
     def mask_mod(self, seq_len: int, device: torch.device) -> MaskMod:
         return self.fn
+
+    def mask_extents(self, device: torch.device) -> tuple[bool, bool]:
+        reads = arguments_read(self.fn, device)
+        if reads is None:
+            return True, True
+        if "h" in reads and not self.heads_differ:
+            raise ValueError(
+                f"from_mask_mod(fn={self.fn!r}, per_head=False): fn reads the head index h, so one "
+                "mask cannot serve every head; pass per_head=True (or make fn ignore h)"
+            )
+        return "b" in reads, self.heads_differ
+
+
+def _any_extents(parts: tuple[SparsePattern, ...], device: torch.device) -> tuple[bool, bool]:
+    extents = [part.mask_extents(device) for part in parts]
+    return any(batch for batch, _ in extents), any(head for _, head in extents)
 
 
 def _check_parts(name: str, parts: tuple[object, ...]) -> tuple[SparsePattern, ...]:
@@ -315,7 +335,12 @@ class AnyOf(SparsePattern):
     def per_head(self) -> bool:
         return any(p.per_head for p in self.parts)
 
+    def mask_extents(self, device: torch.device) -> tuple[bool, bool]:
+        return _any_extents(self.parts, device)
+
     def mask_mod(self, seq_len: int, device: torch.device) -> MaskMod:
+        from torch.nn.attention.flex_attention import or_masks
+
         return or_masks(*(p.mask_mod(seq_len, device) for p in self.parts))
 
 
@@ -332,7 +357,12 @@ class AllOf(SparsePattern):
     def per_head(self) -> bool:
         return any(p.per_head for p in self.parts)
 
+    def mask_extents(self, device: torch.device) -> tuple[bool, bool]:
+        return _any_extents(self.parts, device)
+
     def mask_mod(self, seq_len: int, device: torch.device) -> MaskMod:
+        from torch.nn.attention.flex_attention import and_masks
+
         return and_masks(*(p.mask_mod(seq_len, device) for p in self.parts))
 
 

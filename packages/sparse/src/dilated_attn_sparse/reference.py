@@ -13,17 +13,28 @@ from torch.nn.attention.flex_attention import create_mask
 
 from dilated_attn_sparse.masks import causal_mask
 from dilated_attn_sparse.patterns import SparsePattern
-from dilated_attn_sparse.validation import check_num_heads, check_seq_len
+from dilated_attn_sparse.validation import check_batch, check_num_heads, check_seq_len
 
 
-def dense_mask(pattern: SparsePattern, seq_len: int, num_heads: int, *, causal: bool = False) -> torch.Tensor:
-    """``(h, n, n)`` bool on the CPU: ``[j, p, key]`` is whether head ``j``'s query ``p`` sees ``key``."""
+def dense_mask(
+    pattern: SparsePattern, seq_len: int, num_heads: int, *, causal: bool = False, batch: int | None = None
+) -> torch.Tensor:
+    """``(h, n, n)`` bool on the CPU: ``[j, p, key]`` is whether head ``j``'s query ``p`` sees ``key``.
+
+    With ``batch``, ``(batch, h, n, n)`` with the batch index ``b`` first; a pattern that reads ``b``
+    needs it.
+    """
     seq_len = check_seq_len(seq_len)
     num_heads = check_num_heads(num_heads)
     device = torch.device("cpu")
-    allowed = create_mask(pattern.mask_mod(seq_len, device), 1, num_heads, seq_len, seq_len, device)[0]
+    if batch is None:
+        if pattern.mask_extents(device)[0]:
+            raise ValueError(f"pattern={pattern!r} reads the batch index b: pass batch=")
+        return dense_mask(pattern, seq_len, num_heads, causal=causal, batch=1)[0]
+    batch = check_batch(batch)
+    allowed = create_mask(pattern.mask_mod(seq_len, device), batch, num_heads, seq_len, seq_len, device)
     if causal:
-        allowed = allowed & create_mask(causal_mask, 1, 1, seq_len, seq_len, device)[0]
+        allowed = allowed & create_mask(causal_mask, 1, 1, seq_len, seq_len, device)
     return allowed
 
 
@@ -72,21 +83,23 @@ def masked_attention_reference(
     scale: float | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Dense float64 attention on ``(b, n, h, d)`` inputs over the keys ``allowed`` ``(h, n, n)``.
+    """Dense float64 attention on ``(b, n, h, d)`` inputs over the keys ``allowed``: ``(h, n, n)``
+    for every sequence, or ``(b, h, n, n)`` per sequence.
 
     Returns float64 ``out`` ``(b, n, h, d)`` and, with ``return_lse``, float64 ``lse`` ``(b, n, h)``.
     Rows with no allowed key give 0 and ``lse = -inf``, with zero gradients. Differentiable.
     """
     b, n, h, _, d = check_qkv(q, k, v, enable_gqa=False)
     scale = check_scale(scale, d)
-    if allowed.dtype != torch.bool or tuple(allowed.shape) != (h, n, n):
+    if allowed.dtype != torch.bool or tuple(allowed.shape) not in ((h, n, n), (b, h, n, n)):
         raise ValueError(
-            f"allowed has dtype {allowed.dtype} and shape {tuple(allowed.shape)}; it must be bool (h, n, n)=({h}, {n}, {n})"
+            f"allowed has dtype {allowed.dtype} and shape {tuple(allowed.shape)}; it must be bool "
+            f"(h, n, n)=({h}, {n}, {n}) or (b, h, n, n)=({b}, {h}, {n}, {n})"
         )
     allowed = allowed.to(q.device)
     q64, k64, v64 = (t.to(torch.float64).transpose(1, 2) for t in (q, k, v))  # (b, h, n, d)
     scores = scale * (q64 @ k64.transpose(-1, -2))
-    empty = ~allowed.any(dim=-1, keepdim=True)  # (h, n, 1)
+    empty = ~allowed.any(dim=-1, keepdim=True)  # ([b,] h, n, 1)
     # Forbidden keys take a finite stand-in so that neither values nor gradients become NaN.
     safe = scores.masked_fill(~allowed, 0.0)
     row_max = scores.masked_fill(~allowed, float("-inf")).amax(dim=-1, keepdim=True)

@@ -6,11 +6,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask
 
-from dilated_attn_sparse.cache import block_masks
+from dilated_attn_sparse.cache import block_masks, canonical_device
+from dilated_attn_sparse.validation import check_block_size, check_seq_len, clamp_block_size
 
 if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+
     from dilated_attn_sparse.patterns import SparsePattern
 
 # Mask entries evaluated at once when counting the allowed pairs of partial blocks.
@@ -95,8 +97,17 @@ def sparsity_stats(
 
     Uses (and fills) the block-mask cache. Full blocks count their exact size; partial blocks are
     counted by evaluating the predicate, which must therefore broadcast over index tensors (every
-    predicate built from elementwise torch ops does).
+    predicate built from elementwise torch ops does). ``block_size`` is capped as in
+    :func:`.block_sparse_attention`, and the stats report the block used.
     """
+    seq_len = check_seq_len(seq_len)
+    block_size = clamp_block_size(check_block_size(block_size), seq_len)
+    device = canonical_device(device)
+    if pattern.mask_extents(device)[0]:
+        raise ValueError(
+            f"pattern={pattern!r} reads the batch index b, so its sparsity differs per sequence; "
+            "sparsity_stats describes one sequence of a pattern that ignores b"
+        )
     block_mask = block_masks.get(
         pattern, seq_len, num_heads, block_size=block_size, causal=causal, device=device
     )

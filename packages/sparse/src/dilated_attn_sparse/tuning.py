@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 # Below this share of a query block's key blocks that the next query block also computes, the
 # pattern counts as scattered (random_blocks at density p shares about p).

@@ -127,7 +127,23 @@ def sdpa_bwd(
 
 
 @sdpa_bwd.register_fake
-def _(dout, q, k, v, out, lse, dlse, segment_lengths, dilation_rates, mode, causal, scale, dropout_p, seed, key_padding_mask):
+def _(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dlse,
+    segment_lengths,
+    dilation_rates,
+    mode,
+    causal,
+    scale,
+    dropout_p,
+    seed,
+    key_padding_mask,
+):
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
@@ -144,7 +160,21 @@ def _backward(ctx: Any, dout: Optional[torch.Tensor], dlse: Optional[torch.Tenso
         dout = torch.zeros_like(out)
     segment_lengths, dilation_rates, mode, causal, scale, dropout_p = ctx.args
     dq, dk, dv = torch.ops.dilated_attn.sdpa_bwd(
-        dout, q, k, v, out, lse, dlse, segment_lengths, dilation_rates, mode, causal, scale, dropout_p, seed, mask
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        dlse,
+        segment_lengths,
+        dilation_rates,
+        mode,
+        causal,
+        scale,
+        dropout_p,
+        seed,
+        mask,
     )
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 

@@ -57,7 +57,9 @@ def plan_launches(
 ) -> LaunchPlan:
     """Launches for a ``(b, n, num_heads, d)`` problem; patterns with ``r == 1`` go first."""
     key = (n, num_heads, tuple(segment_lengths), tuple(dilation_rates), mode)
-    return _LAUNCH_PLANS.get_or_build(key, lambda: _plan(*key), nbytes=lambda plan: 128 * (1 + len(plan.launches)))
+    return _LAUNCH_PLANS.get_or_build(
+        key, lambda: _plan(*key), nbytes=lambda plan: 128 * (1 + len(plan.launches))
+    )
 
 
 _LAUNCH_PLANS = metadata_cache("core.launch_plans")
