@@ -84,6 +84,11 @@ def test_numpy_scalars_are_numbers():
     torch.testing.assert_close(out, dilated_attention_reference(q, k, v, W, R, scale=0.25))
     mha = MultiheadDilatedAttention(np.int64(16), np.int32(2), W, R, num_kv_heads=np.int64(1))
     assert mha.num_heads == 2 and mha.num_kv_heads == 1
+    pool = PythonBufferPool(budget_bytes=np.int64(1 << 20))
+    assert pool.budget_bytes == 1 << 20
+    lease = pool.acquire((np.int64(4), np.int32(8)), torch.float32, "cpu")
+    assert lease.tensor.shape == (4, 8)
+    pool.release(lease)
 
 
 @pytest.mark.parametrize(

@@ -15,22 +15,26 @@ from dilated_attn.pool.ledger import (
     MAX_REQUEST_BYTES,
     STATS_KEYS,
     PythonLedger,
+    _index,
     refusal,
 )
 from dilated_attn.pool.protocol import DeviceLike, Lease, PoolBudgetError, PoolEvent, PoolLedger
 
 
 def _check_shape(shape: object) -> tuple[int, ...]:
-    if isinstance(shape, int) and not isinstance(shape, bool):
+    if _index(shape) is not None:
         shape = (shape,)
     if not isinstance(shape, (tuple, list, torch.Size)):
         raise TypeError(f"shape={shape!r} must be a sequence of non-negative ints")
+    dims = []
     for i, dim in enumerate(shape):
-        if isinstance(dim, bool) or not isinstance(dim, int):
+        value = _index(dim)
+        if value is None:
             raise TypeError(f"shape[{i}]={dim!r} must be an int (got {type(dim).__name__})")
-        if dim < 0:
+        if value < 0:
             raise ValueError(f"shape[{i}]={dim} must be >= 0")
-    return tuple(shape)
+        dims.append(value)
+    return tuple(dims)
 
 
 class _Place(NamedTuple):
