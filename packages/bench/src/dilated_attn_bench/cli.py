@@ -480,6 +480,23 @@ def _decode_parser(sub: Any) -> None:
     d.set_defaults(command="dilated_attn_bench.decode:main", needs=("triton",))
 
 
+def _gqa_parser(sub: Any) -> None:
+    g = sub.add_parser(
+        "gqa",
+        help="grouped-query attention: K/V read in place against K/V repeated to every head (CUDA)",
+        description="Times dilated_attention forward and forward+backward, and their peak memory beyond the "
+        "inputs, with (b, n, h_kv, d) K/V as given and with K/V repeated to the query heads first.",
+    )
+    g.add_argument("--out", type=Path, required=True, help="JSON results")
+    g.add_argument("--preset", choices=PRESET_NAMES, default="longnet-256k")
+    g.add_argument("--n", type=positive(int), default=None, help="sequence length (default: the preset's)")
+    g.add_argument(
+        "--kv-heads", type=positive_ints, default=[4, 1], help="K/V head counts (default %(default)s)"
+    )
+    g.add_argument("--repeats", type=positive(int), default=10)
+    g.set_defaults(command="dilated_attn_bench.gqa:main")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -497,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
         _flex_tuning_parser,
         _ring_parser,
         _decode_parser,
+        _gqa_parser,
     ):
         add(sub)
     for name, subparser in sub.choices.items():
