@@ -7,9 +7,15 @@ torch is downloaded once per machine rather than once per session.
 from __future__ import annotations
 
 import os
+import shutil
+import tarfile
+import zipfile
 from pathlib import Path
 
 import nox
+import tomllib
+from nox.virtualenv import find_uv
+from packaging.requirements import Requirement
 
 nox.options.default_venv_backend = "uv"
 nox.options.sessions = ["tests"]
@@ -20,7 +26,8 @@ PYTHON = os.environ.get("DILATED_ATTN_PYTHON", "3.11")
 CORE = "packages/core"
 PURE = {"ring": "packages/ring", "sparse": "packages/sparse", "bench": "packages/bench"}
 POOL = "packages/pool-rs"
-TEST_DEPS = ["pytest>=8", "hypothesis>=6.100"]
+# numpy: tests convert tensors with .numpy(); no package imports it.
+TEST_DEPS = ["pytest>=8", "hypothesis>=6.100", "numpy>=1.24"]
 
 
 def _existing(paths: list[str]) -> list[str]:
@@ -74,9 +81,44 @@ def tests_pool(session: nox.Session) -> None:
     _pytest(session, "tests/pool")
 
 
+def _toml(path: Path) -> dict:
+    with path.open("rb") as f:
+        return tomllib.load(f)
+
+
+def _check_release_metadata(session: nox.Session) -> None:
+    """One version, pins that admit it, one license text: the rules the root pyproject.toml states."""
+    version = (ROOT / "VERSION").read_text().strip()
+    problems = []
+    cargo = _toml(ROOT / POOL / "Cargo.toml")["package"]["version"]
+    if cargo != version:
+        problems.append(f"{POOL}/Cargo.toml has version {cargo!r}, VERSION has {version!r}")
+    license_text = (ROOT / "LICENSE").read_bytes()
+    for pyproject in [ROOT / "pyproject.toml", *sorted(ROOT.glob("packages/*/pyproject.toml"))]:
+        where = pyproject.relative_to(ROOT)
+        project = _toml(pyproject)["project"]
+        if "version" in project:
+            problems.append(f"{where} types its version; it must be dynamic (read from VERSION)")
+        requirements = list(project.get("dependencies", []))
+        for extra in project.get("optional-dependencies", {}).values():
+            requirements.extend(extra)
+        for requirement in map(Requirement, requirements):
+            if not requirement.name.startswith("dilated-attn-"):
+                continue
+            if not requirement.specifier or not requirement.specifier.contains(version):
+                problems.append(f"{where}: {requirement} must pin a range that contains {version}")
+        license_copy = pyproject.parent / "LICENSE"
+        if not license_copy.is_file() or license_copy.read_bytes() != license_text:
+            problems.append(f"{license_copy.relative_to(ROOT)} must be a copy of the root LICENSE")
+    if problems:
+        session.error("release metadata: " + "; ".join(problems))
+    session.log(f"release metadata: every package at {version}, pins admit it, LICENSE identical")
+
+
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    """ruff check and ruff format --check over the whole tree."""
+    """ruff check and ruff format --check over the whole tree, and the release metadata rules."""
+    _check_release_metadata(session)
     session.install("ruff>=0.6")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
@@ -133,3 +175,168 @@ def bench(session: nox.Session) -> None:
     session.install(CORE, *_existing(list(PURE.values())))
     _install_pool(session)
     session.run("dilated-attn-bench", "run", *session.posargs)
+
+
+# Run in each environment the install session makes: the distributions it must hold (each at VERSION,
+# each package importable), the sibling packages it must not, and one call of the function.
+_SMOKE = """
+import importlib.metadata, importlib.util, sys
+version, wanted = sys.argv[1], set(sys.argv[2].split(","))
+modules = {"dilated-attn-core": "dilated_attn", "dilated-attn-ring": "dilated_attn_ring",
+           "dilated-attn-sparse": "dilated_attn_sparse", "dilated-attn-pool": "dilated_attn_pool",
+           "dilated-attn-bench": "dilated_attn_bench"}
+for dist in sorted(wanted):
+    found = importlib.metadata.version(dist)
+    assert found == version, f"{dist} {found} is installed; VERSION says {version}"
+    if dist in modules:
+        assert importlib.import_module(modules[dist]).__version__ == version, dist
+for dist, module in modules.items():
+    if dist not in wanted:
+        assert importlib.util.find_spec(module) is None, f"{dist} is installed but was not asked for"
+import torch
+import dilated_attn
+from dilated_attn import available_backends, available_pools, dilated_attention
+q = torch.randn(1, 9, 2, 4)
+assert dilated_attention(q, q, q, [4], [1]).shape == q.shape
+for dist, name in [("dilated-attn-ring", "ring"), ("dilated-attn-sparse", "block_sparse")]:
+    assert (name in available_backends()) == (dist in wanted), (name, available_backends())
+assert ("rust" in available_pools()) == ("dilated-attn-pool" in wanted), available_pools()
+print("ok:", ", ".join(f"{d} {version}" for d in sorted(wanted)))
+"""
+
+# Copying a checkout for `uv sync` leaves out what builds and runs leave behind.
+_NOT_SOURCES = shutil.ignore_patterns(
+    ".git",
+    ".nox",
+    ".venv",
+    "target",
+    "dist",
+    "build",
+    "__pycache__",
+    "*.so",
+    "uv.lock",
+    "bench-results",
+    ".*_cache",
+    ".hypothesis",
+)
+
+
+@nox.session(python=False)
+def install(session: nox.Session) -> None:
+    """Every install line of the README's install section, each in a fresh environment, then imports.
+
+    torch is seeded from uv's cache into each environment before pip runs (pip would fetch it again
+    for every one); everything else, the build backends included, is resolved by the line itself.
+    """
+    has_uv, uv = find_uv()
+    if not has_uv:
+        session.error("the install session needs uv (python3 -m pip install uv)")
+    version = (ROOT / "VERSION").read_text().strip()
+    tmp = Path(session.create_tmp()).resolve()
+    # One Cargo build folder for every build of the pool here (pip's, uv's, maturin's), so the crate
+    # compiles once; pip and maturin would otherwise each start from nothing.
+    env = {"CARGO_TARGET_DIR": str(ROOT / POOL / "target"), "VIRTUAL_ENV": None, "PYTHONPATH": None}
+    core, pkgs = "dilated-attn-core", [f"dilated-attn-{p}" for p in ("ring", "sparse", "bench", "pool")]
+
+    def fresh(name: str) -> Path:
+        venv = tmp / name
+        shutil.rmtree(venv, ignore_errors=True)
+        session.run(uv, "venv", "--quiet", "--seed", "-p", PYTHON, str(venv), external=True, env=env)
+        python = venv / "bin" / "python"
+        session.run(uv, "pip", "install", "--quiet", "-p", str(python), "torch", external=True, env=env)
+        return python
+
+    def smoke(python: Path, *dists: str, cwd: Path = ROOT) -> None:
+        with session.chdir(cwd):
+            session.run(str(python), "-c", _SMOKE, version, ",".join(dists), external=True, env=env)
+
+    def pip(python: Path, *args: str) -> None:
+        session.run(str(python), "-m", "pip", "install", "--quiet", *args, external=True, env=env)
+
+    # From the checkout, with pip.
+    python = fresh("pip-core")
+    pip(python, "./packages/core")
+    smoke(python, core)
+    python = fresh("pip-core-ring")
+    pip(python, "./packages/core", "./packages/ring")
+    smoke(python, core, "dilated-attn-ring")
+    python = fresh("pip-every-package")
+    pip(python, *(f"./{p}" for p in [CORE, *PURE.values(), POOL]))
+    smoke(python, core, *pkgs)
+    python = fresh("pip-meta-ring")
+    pip(python, ".[ring]", "./packages/core", "./packages/ring")
+    smoke(python, "dilated-attn", core, "dilated-attn-ring")
+
+    # From the checkout, with uv: its pip interface and the workspace read [tool.uv.sources].
+    python = fresh("uv-pip-meta-ring")
+    session.run(uv, "pip", "install", "--quiet", "-p", str(python), ".[ring]", external=True, env=env)
+    smoke(python, "dilated-attn", core, "dilated-attn-ring")
+    checkout = tmp / "checkout"
+    shutil.rmtree(checkout, ignore_errors=True)
+    shutil.copytree(ROOT, checkout, ignore=_NOT_SOURCES)
+    with session.chdir(checkout):
+        session.run(uv, "sync", "--quiet", "--all-packages", "-p", PYTHON, external=True, env=env)
+    smoke(checkout / ".venv" / "bin" / "python", "dilated-attn", core, *pkgs, cwd=checkout)
+    with session.chdir(checkout):
+        session.run(uv, "sync", "--quiet", "--extra", "ring", "-p", PYTHON, external=True, env=env)
+    smoke(checkout / ".venv" / "bin" / "python", "dilated-attn", core, "dilated-attn-ring", cwd=checkout)
+
+    # As from an index: every sdist and wheel (the pool's by maturin, manylinux) in one folder, each
+    # carrying the license, then the published install line against that folder.
+    dist = tmp / "dist"
+    shutil.rmtree(dist, ignore_errors=True)
+    for folder in [".", CORE, *PURE.values()]:
+        session.run(uv, "build", "--quiet", "-o", str(dist), folder, external=True, env=env)
+    session.run(
+        uv,
+        "tool",
+        "run",
+        "maturin>=1.9.4,<2",
+        "sdist",
+        "-m",
+        f"{POOL}/Cargo.toml",
+        "-o",
+        str(dist),
+        external=True,
+        env=env,
+        silent=True,
+    )
+    session.run(
+        uv,
+        "tool",
+        "run",
+        "maturin>=1.9.4,<2",
+        "build",
+        "--release",
+        "-m",
+        f"{POOL}/Cargo.toml",
+        "-o",
+        str(dist),
+        "--quiet",
+        external=True,
+        env=env,
+    )
+    _check_dists(session, dist, version)
+    python = fresh("index-all")
+    pip(python, "--find-links", str(dist), "dilated-attn[all]")
+    smoke(python, "dilated-attn", core, *pkgs, cwd=tmp)
+
+
+def _check_dists(session: nox.Session, dist: Path, version: str) -> None:
+    """Each distribution at VERSION with the license inside; pool wheels tagged for an index."""
+    wheels, sdists = sorted(dist.glob("*.whl")), sorted(dist.glob("*.tar.gz"))
+    names = {"dilated_attn", "dilated_attn_core", *(f"dilated_attn_{p}" for p in [*PURE, "pool"])}
+    for kind, found in [("wheel", wheels), ("sdist", sdists)]:
+        got = {f.name.split("-")[0] for f in found}
+        if got != names or any(f.name.split("-")[1] != version for f in found):
+            session.error(f"{kind}s built: {[f.name for f in found]}; expected {sorted(names)} at {version}")
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as zf:
+            if not any(n.endswith(".dist-info/licenses/LICENSE") for n in zf.namelist()):
+                session.error(f"{wheel.name} carries no LICENSE")
+        if "abi3" in wheel.name and "manylinux" not in wheel.name:
+            session.error(f"{wheel.name} is not tagged manylinux; an index refuses it")
+    for sdist in sdists:
+        with tarfile.open(sdist) as tf:
+            if f"{sdist.name.removesuffix('.tar.gz')}/LICENSE" not in tf.getnames():
+                session.error(f"{sdist.name} carries no LICENSE")

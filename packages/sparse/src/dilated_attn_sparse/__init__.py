@@ -6,6 +6,8 @@ softmax per row over the keys a sparse pattern allows, skipping empty blocks. Pa
 ``MultiheadDilatedAttention(..., backend="block_sparse", pattern=...)``.
 """
 
+import importlib.metadata
+
 from dilated_attn_sparse.attention import block_sparse_attention
 from dilated_attn_sparse.cache import BlockMaskCache, block_masks
 from dilated_attn_sparse.patterns import (
@@ -29,7 +31,8 @@ from dilated_attn_sparse.patterns import (
 )
 from dilated_attn_sparse.stats import SparsityStats, sparsity_stats
 
-__version__ = "0.1.0"
+# The installed distribution's version, which the build took from the repository's VERSION file.
+__version__ = importlib.metadata.version("dilated-attn-sparse")
 
 __all__ = [
     "AllOf",
