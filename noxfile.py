@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -228,98 +229,78 @@ def install(session: nox.Session) -> None:
     torch is seeded from uv's cache into each environment before pip runs (pip would fetch it again
     for every one); everything else, the build backends included, is resolved by the line itself.
     """
-    has_uv, uv = find_uv()
+    # nox's own lookup (the uv package's binary first, then PATH); its tuple grew a third item in 2025.
+    has_uv, uv = find_uv()[:2]
     if not has_uv:
         session.error("the install session needs uv (python3 -m pip install uv)")
     version = (ROOT / "VERSION").read_text().strip()
     tmp = Path(session.create_tmp()).resolve()
+    smoke = tmp / "smoke.py"
+    smoke.write_text(_SMOKE)
     # One Cargo build folder for every build of the pool here (pip's, uv's, maturin's), so the crate
-    # compiles once; pip and maturin would otherwise each start from nothing.
+    # compiles once per profile instead of once per build tool.
     env = {"CARGO_TARGET_DIR": str(ROOT / POOL / "target"), "VIRTUAL_ENV": None, "PYTHONPATH": None}
-    core, pkgs = "dilated-attn-core", [f"dilated-attn-{p}" for p in ("ring", "sparse", "bench", "pool")]
+    core, ring = "dilated-attn-core", "dilated-attn-ring"
+    every = [core, *(f"dilated-attn-{p}" for p in ("ring", "sparse", "bench", "pool"))]
+
+    def run(*args: str | Path, cwd: Path = ROOT) -> None:
+        with session.chdir(cwd):
+            session.run(*map(str, args), external=True, env=env)
 
     def fresh(name: str) -> Path:
         venv = tmp / name
         shutil.rmtree(venv, ignore_errors=True)
-        session.run(uv, "venv", "--quiet", "--seed", "-p", PYTHON, str(venv), external=True, env=env)
-        python = venv / "bin" / "python"
-        session.run(uv, "pip", "install", "--quiet", "-p", str(python), "torch", external=True, env=env)
-        return python
+        run(uv, "venv", "--quiet", "--seed", "-p", PYTHON, venv)
+        run(uv, "pip", "install", "--quiet", "-p", venv / "bin" / "python", "torch")
+        return venv / "bin" / "python"
 
-    def smoke(python: Path, *dists: str, cwd: Path = ROOT) -> None:
-        with session.chdir(cwd):
-            session.run(str(python), "-c", _SMOKE, version, ",".join(dists), external=True, env=env)
+    def check(python: Path, dists: list[str], cwd: Path = ROOT, started: float = 0.0) -> None:
+        run(python, smoke, version, ",".join(dists), cwd=cwd)
+        session.log(f"install line passed in {time.monotonic() - started:.0f} s")
 
-    def pip(python: Path, *args: str) -> None:
-        session.run(str(python), "-m", "pip", "install", "--quiet", *args, external=True, env=env)
+    # From the checkout, with pip: each package by its folder; the meta-package only beside its
+    # siblings' folders, since pip does not read uv's workspace sources.
+    for args, dists in [
+        (["./packages/core"], [core]),
+        (["./packages/core", "./packages/ring"], [core, ring]),
+        ([f"./{p}" for p in [CORE, *PURE.values(), POOL]], every),
+        ([".[ring]", "./packages/core", "./packages/ring"], ["dilated-attn", core, ring]),
+    ]:
+        started = time.monotonic()
+        python = fresh("pip")
+        run(python, "-m", "pip", "install", "--quiet", *args)
+        check(python, dists, started=started)
 
-    # From the checkout, with pip.
-    python = fresh("pip-core")
-    pip(python, "./packages/core")
-    smoke(python, core)
-    python = fresh("pip-core-ring")
-    pip(python, "./packages/core", "./packages/ring")
-    smoke(python, core, "dilated-attn-ring")
-    python = fresh("pip-every-package")
-    pip(python, *(f"./{p}" for p in [CORE, *PURE.values(), POOL]))
-    smoke(python, core, *pkgs)
-    python = fresh("pip-meta-ring")
-    pip(python, ".[ring]", "./packages/core", "./packages/ring")
-    smoke(python, "dilated-attn", core, "dilated-attn-ring")
-
-    # From the checkout, with uv: its pip interface and the workspace read [tool.uv.sources].
-    python = fresh("uv-pip-meta-ring")
-    session.run(uv, "pip", "install", "--quiet", "-p", str(python), ".[ring]", external=True, env=env)
-    smoke(python, "dilated-attn", core, "dilated-attn-ring")
+    # From the checkout, with uv: its pip interface and the workspace both read [tool.uv.sources].
+    started = time.monotonic()
+    python = fresh("uv-pip")
+    run(uv, "pip", "install", "--quiet", "-p", python, ".[ring]")
+    check(python, ["dilated-attn", core, ring], started=started)
     checkout = tmp / "checkout"
     shutil.rmtree(checkout, ignore_errors=True)
     shutil.copytree(ROOT, checkout, ignore=_NOT_SOURCES)
-    with session.chdir(checkout):
-        session.run(uv, "sync", "--quiet", "--all-packages", "-p", PYTHON, external=True, env=env)
-    smoke(checkout / ".venv" / "bin" / "python", "dilated-attn", core, *pkgs, cwd=checkout)
-    with session.chdir(checkout):
-        session.run(uv, "sync", "--quiet", "--extra", "ring", "-p", PYTHON, external=True, env=env)
-    smoke(checkout / ".venv" / "bin" / "python", "dilated-attn", core, "dilated-attn-ring", cwd=checkout)
+    for args, dists in [
+        (["--all-packages"], ["dilated-attn", *every]),
+        (["--extra", "ring"], ["dilated-attn", core, ring]),
+    ]:
+        started = time.monotonic()
+        run(uv, "sync", "--quiet", "-p", PYTHON, *args, cwd=checkout)
+        check(checkout / ".venv" / "bin" / "python", dists, cwd=checkout, started=started)
 
     # As from an index: every sdist and wheel (the pool's by maturin, manylinux) in one folder, each
     # carrying the license, then the published install line against that folder.
+    started = time.monotonic()
     dist = tmp / "dist"
     shutil.rmtree(dist, ignore_errors=True)
     for folder in [".", CORE, *PURE.values()]:
-        session.run(uv, "build", "--quiet", "-o", str(dist), folder, external=True, env=env)
-    session.run(
-        uv,
-        "tool",
-        "run",
-        "maturin>=1.9.4,<2",
-        "sdist",
-        "-m",
-        f"{POOL}/Cargo.toml",
-        "-o",
-        str(dist),
-        external=True,
-        env=env,
-        silent=True,
-    )
-    session.run(
-        uv,
-        "tool",
-        "run",
-        "maturin>=1.9.4,<2",
-        "build",
-        "--release",
-        "-m",
-        f"{POOL}/Cargo.toml",
-        "-o",
-        str(dist),
-        "--quiet",
-        external=True,
-        env=env,
-    )
+        run(uv, "build", "--quiet", "-o", dist, folder)
+    maturin = [uv, "tool", "run", "maturin>=1.9.4,<2"]
+    run(*maturin, "sdist", "-m", f"{POOL}/Cargo.toml", "-o", dist)
+    run(*maturin, "build", "--release", "--quiet", "-m", f"{POOL}/Cargo.toml", "-o", dist)
     _check_dists(session, dist, version)
-    python = fresh("index-all")
-    pip(python, "--find-links", str(dist), "dilated-attn[all]")
-    smoke(python, "dilated-attn", core, *pkgs, cwd=tmp)
+    python = fresh("index")
+    run(python, "-m", "pip", "install", "--quiet", "--find-links", dist, "dilated-attn[all]")
+    check(python, ["dilated-attn", *every], cwd=tmp, started=started)
 
 
 def _check_dists(session: nox.Session, dist: Path, version: str) -> None:
@@ -327,8 +308,8 @@ def _check_dists(session: nox.Session, dist: Path, version: str) -> None:
     wheels, sdists = sorted(dist.glob("*.whl")), sorted(dist.glob("*.tar.gz"))
     names = {"dilated_attn", "dilated_attn_core", *(f"dilated_attn_{p}" for p in [*PURE, "pool"])}
     for kind, found in [("wheel", wheels), ("sdist", sdists)]:
-        got = {f.name.split("-")[0] for f in found}
-        if got != names or any(f.name.split("-")[1] != version for f in found):
+        stems = [f.name.removesuffix(".tar.gz").split("-") for f in found]
+        if {s[0] for s in stems} != names or any(s[1] != version for s in stems):
             session.error(f"{kind}s built: {[f.name for f in found]}; expected {sorted(names)} at {version}")
     for wheel in wheels:
         with zipfile.ZipFile(wheel) as zf:
