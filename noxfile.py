@@ -7,6 +7,7 @@ torch is downloaded once per machine rather than once per session.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import tarfile
 import time
@@ -179,30 +180,27 @@ def bench(session: nox.Session) -> None:
 
 
 # Run in each environment the install session makes: the distributions it must hold (each at VERSION,
-# each package importable), the sibling packages it must not, and one call of the function.
+# each package importable), the repository's other packages absent, and one call of the function.
 _SMOKE = """
-import importlib.metadata, importlib.util, sys
-version, wanted = sys.argv[1], set(sys.argv[2].split(","))
-modules = {"dilated-attn-core": "dilated_attn", "dilated-attn-ring": "dilated_attn_ring",
-           "dilated-attn-sparse": "dilated_attn_sparse", "dilated-attn-pool": "dilated_attn_pool",
-           "dilated-attn-bench": "dilated_attn_bench"}
+import importlib, importlib.metadata, importlib.util, sys
+version, wanted, members = sys.argv[1], set(sys.argv[2].split(",")), sys.argv[3].split(",")
+module = {d: "dilated_attn" if d == "dilated-attn-core" else d.replace("-", "_") for d in members}
 for dist in sorted(wanted):
     found = importlib.metadata.version(dist)
     assert found == version, f"{dist} {found} is installed; VERSION says {version}"
-    if dist in modules:
-        assert importlib.import_module(modules[dist]).__version__ == version, dist
-for dist, module in modules.items():
-    if dist not in wanted:
-        assert importlib.util.find_spec(module) is None, f"{dist} is installed but was not asked for"
+    if dist in module:
+        imported = importlib.import_module(module[dist])
+        assert getattr(imported, "__version__", version) == version, (dist, imported.__version__)
+for dist in set(members) - wanted:
+    assert importlib.util.find_spec(module[dist]) is None, f"{dist} is installed but was not asked for"
 import torch
-import dilated_attn
 from dilated_attn import available_backends, available_pools, dilated_attention
 q = torch.randn(1, 9, 2, 4)
 assert dilated_attention(q, q, q, [4], [1]).shape == q.shape
 for dist, name in [("dilated-attn-ring", "ring"), ("dilated-attn-sparse", "block_sparse")]:
     assert (name in available_backends()) == (dist in wanted), (name, available_backends())
 assert ("rust" in available_pools()) == ("dilated-attn-pool" in wanted), available_pools()
-print("ok:", ", ".join(f"{d} {version}" for d in sorted(wanted)))
+print("installed and imported:", ", ".join(sorted(wanted)))
 """
 
 # Copying a checkout for `uv sync` leaves out what builds and runs leave behind.
@@ -222,91 +220,130 @@ _NOT_SOURCES = shutil.ignore_patterns(
 )
 
 
+def _readme_install_lines() -> tuple[list[str], list[str]]:
+    """The README's install lines (its indented code in "## Install"): from a checkout, once published."""
+    section = (ROOT / "README.md").read_text().split("\n## Install\n", 1)[1].split("\n## ", 1)[0]
+    checkout, published = section.split("Once published", 1)
+
+    def lines(block: str) -> list[str]:
+        return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.startswith("    ")]
+
+    return lines(checkout), lines(published)
+
+
+def _distributions_of(line: str) -> set[str]:
+    """The distributions an install line asks for, through the meta-package's extras where it names them."""
+    root = _toml(ROOT / "pyproject.toml")["project"]
+    extras = root["optional-dependencies"]
+
+    def meta(names: list[str]) -> set[str]:
+        found = {root["name"], *(Requirement(r).name for r in root["dependencies"])}
+        while names:
+            for requirement in map(Requirement, extras[names.pop()]):
+                if requirement.name == root["name"]:
+                    names.extend(requirement.extras)
+                else:
+                    found.add(requirement.name)
+        return found
+
+    words = shlex.split(line)
+    if words[:2] == ["uv", "sync"]:
+        if "--all-packages" in words:
+            return meta(list(extras))
+        return meta([words[i + 1] for i, word in enumerate(words) if word == "--extra"])
+    found: set[str] = set()
+    for word in words[words.index("install") + 1 :]:
+        if word.startswith("./packages/"):
+            found.add(_toml(ROOT / word / "pyproject.toml")["project"]["name"])
+        else:
+            requirement = Requirement(root["name"] + word[1:] if word.startswith(".") else word)
+            if requirement.name == root["name"]:
+                found |= meta(sorted(requirement.extras))
+            else:
+                found.add(requirement.name)
+    return found
+
+
 @nox.session(python=False)
 def install(session: nox.Session) -> None:
     """Every install line of the README's install section, each in a fresh environment, then imports.
 
-    torch is seeded from uv's cache into each environment before pip runs (pip would fetch it again
-    for every one); everything else, the build backends included, is resolved by the line itself.
+    The lines are read from README.md, so what it shows is what runs. torch is seeded from uv's cache
+    into each fresh environment first (pip would download it for every one); everything else, the
+    build backends included, is resolved by the line itself. The published lines run against a folder
+    of the sdists and wheels built here (the pool's by `maturin build`), each checked for the license.
     """
     # nox's own lookup (the uv package's binary first, then PATH); its tuple grew a third item in 2025.
     has_uv, uv = find_uv()[:2]
     if not has_uv:
         session.error("the install session needs uv (python3 -m pip install uv)")
     version = (ROOT / "VERSION").read_text().strip()
+    members = sorted(_toml(p)["project"]["name"] for p in ROOT.glob("packages/*/pyproject.toml"))
     tmp = Path(session.create_tmp()).resolve()
     smoke = tmp / "smoke.py"
     smoke.write_text(_SMOKE)
+    checkout, dist = tmp / "checkout", tmp / "dist"
+    for folder in (checkout, dist):
+        shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(ROOT, checkout, ignore=_NOT_SOURCES)
     # One Cargo build folder for every build of the pool here (pip's, uv's, maturin's), so the crate
     # compiles once per profile instead of once per build tool.
     env = {"CARGO_TARGET_DIR": str(ROOT / POOL / "target"), "VIRTUAL_ENV": None, "PYTHONPATH": None}
-    core, ring = "dilated-attn-core", "dilated-attn-ring"
-    every = [core, *(f"dilated-attn-{p}" for p in ("ring", "sparse", "bench", "pool"))]
 
     def run(*args: str | Path, cwd: Path = ROOT) -> None:
         with session.chdir(cwd):
             session.run(*map(str, args), external=True, env=env)
 
-    def fresh(name: str) -> Path:
-        venv = tmp / name
+    def fresh() -> Path:
+        venv = tmp / "venv"
         shutil.rmtree(venv, ignore_errors=True)
         run(uv, "venv", "--quiet", "--seed", "-p", PYTHON, venv)
         run(uv, "pip", "install", "--quiet", "-p", venv / "bin" / "python", "torch")
         return venv / "bin" / "python"
 
-    def check(python: Path, dists: list[str], cwd: Path = ROOT, started: float = 0.0) -> None:
-        run(python, smoke, version, ",".join(dists), cwd=cwd)
-        session.log(f"install line passed in {time.monotonic() - started:.0f} s")
-
-    # From the checkout, with pip: each package by its folder; the meta-package only beside its
-    # siblings' folders, since pip does not read uv's workspace sources.
-    for args, dists in [
-        (["./packages/core"], [core]),
-        (["./packages/core", "./packages/ring"], [core, ring]),
-        ([f"./{p}" for p in [CORE, *PURE.values(), POOL]], every),
-        ([".[ring]", "./packages/core", "./packages/ring"], ["dilated-attn", core, ring]),
-    ]:
+    def install_line(line: str, find_links: Path | None = None) -> None:
         started = time.monotonic()
-        python = fresh("pip")
-        run(python, "-m", "pip", "install", "--quiet", *args)
-        check(python, dists, started=started)
+        words = shlex.split(line)
+        links = ["--find-links", str(find_links)] if find_links else []
+        if words[:2] == ["uv", "sync"]:
+            python, cwd = checkout / ".venv" / "bin" / "python", checkout
+            run(uv, "sync", "--quiet", "-p", PYTHON, *words[2:], cwd=cwd)
+        elif words[:3] == ["uv", "pip", "install"]:
+            python, cwd = fresh(), ROOT
+            run(uv, "pip", "install", "--quiet", "-p", python, *links, *words[3:])
+        elif words[:2] == ["pip", "install"]:
+            python, cwd = fresh(), ROOT
+            run(python, "-m", "pip", "install", "--quiet", *links, *words[2:])
+        else:
+            session.error(
+                f"README install line {line!r}: the session runs pip install, uv pip install, uv sync"
+            )
+        # The published lines import from outside the checkout, so nothing there is on sys.path.
+        wanted = _distributions_of(line)
+        run(python, smoke, version, ",".join(sorted(wanted)), ",".join(members), cwd=tmp if links else cwd)
+        session.log(f"{line!r} installed {len(wanted)} distributions in {time.monotonic() - started:.0f} s")
 
-    # From the checkout, with uv: its pip interface and the workspace both read [tool.uv.sources].
-    started = time.monotonic()
-    python = fresh("uv-pip")
-    run(uv, "pip", "install", "--quiet", "-p", python, ".[ring]")
-    check(python, ["dilated-attn", core, ring], started=started)
-    checkout = tmp / "checkout"
-    shutil.rmtree(checkout, ignore_errors=True)
-    shutil.copytree(ROOT, checkout, ignore=_NOT_SOURCES)
-    for args, dists in [
-        (["--all-packages"], ["dilated-attn", *every]),
-        (["--extra", "ring"], ["dilated-attn", core, ring]),
+    from_checkout, published = _readme_install_lines()
+    for line in from_checkout:
+        install_line(line)
+    for folder in [
+        ".",
+        *sorted(str(p.parent.relative_to(ROOT)) for p in ROOT.glob("packages/*/pyproject.toml")),
     ]:
-        started = time.monotonic()
-        run(uv, "sync", "--quiet", "-p", PYTHON, *args, cwd=checkout)
-        check(checkout / ".venv" / "bin" / "python", dists, cwd=checkout, started=started)
-
-    # As from an index: every sdist and wheel (the pool's by maturin, manylinux) in one folder, each
-    # carrying the license, then the published install line against that folder.
-    started = time.monotonic()
-    dist = tmp / "dist"
-    shutil.rmtree(dist, ignore_errors=True)
-    for folder in [".", CORE, *PURE.values()]:
-        run(uv, "build", "--quiet", "-o", dist, folder)
+        if folder != POOL:
+            run(uv, "build", "--quiet", "-o", dist, folder)
     maturin = [uv, "tool", "run", "maturin>=1.9.4,<2"]
     run(*maturin, "sdist", "-m", f"{POOL}/Cargo.toml", "-o", dist)
     run(*maturin, "build", "--release", "--quiet", "-m", f"{POOL}/Cargo.toml", "-o", dist)
-    _check_dists(session, dist, version)
-    python = fresh("index")
-    run(python, "-m", "pip", "install", "--quiet", "--find-links", dist, "dilated-attn[all]")
-    check(python, ["dilated-attn", *every], cwd=tmp, started=started)
+    _check_dists(session, dist, version, members)
+    for line in published:
+        install_line(line, find_links=dist)
 
 
-def _check_dists(session: nox.Session, dist: Path, version: str) -> None:
-    """Each distribution at VERSION with the license inside; pool wheels tagged for an index."""
+def _check_dists(session: nox.Session, dist: Path, version: str, members: list[str]) -> None:
+    """Each distribution at VERSION with the license inside; compiled wheels tagged for an index."""
     wheels, sdists = sorted(dist.glob("*.whl")), sorted(dist.glob("*.tar.gz"))
-    names = {"dilated_attn", "dilated_attn_core", *(f"dilated_attn_{p}" for p in [*PURE, "pool"])}
+    names = {name.replace("-", "_") for name in ["dilated-attn", *members]}
     for kind, found in [("wheel", wheels), ("sdist", sdists)]:
         stems = [f.name.removesuffix(".tar.gz").split("-") for f in found]
         if {s[0] for s in stems} != names or any(s[1] != version for s in stems):
