@@ -5,4 +5,7 @@ SDPA, FlexAttention and the segment ceiling of SPEC §3, checks each against the
 writes report.md, results.json, results.csv and plots; ``compare`` and ``pool`` are the other commands.
 """
 
-__version__ = "0.1.0"
+import importlib.metadata
+
+# The installed distribution's version, which the build took from the repository's VERSION file.
+__version__ = importlib.metadata.version("dilated-attn-bench")

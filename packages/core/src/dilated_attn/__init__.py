@@ -5,6 +5,7 @@ tensors, the modules ``DilatedAttention`` and ``MultiheadDilatedAttention``, a s
 a pluggy registry through which backends (ring, block-sparse, fused kernels, third-party) plug in.
 """
 
+from dilated_attn._version import __version__
 from dilated_attn.decoding import dilated_attention_with_kvcache
 from dilated_attn.functional import dilated_attention
 from dilated_attn.hookspecs import hookimpl
@@ -15,7 +16,6 @@ from dilated_attn.pattern import DilationPattern
 from dilated_attn.registry import Capabilities, available_backends, available_pools, get_backend, get_pool
 from dilated_attn.request import Request
 
-__version__ = "0.1.0"
 
 __all__ = [
     "Capabilities",

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-# Must equal the crate version in Cargo.toml, which maturin also makes the distribution's version.
-__version__ = "0.1.0"
+import importlib.metadata
+
+# The installed distribution's version: maturin takes it from Cargo.toml, the crate version the compiled
+# module also reports, so a compiled module left from another build of the sources is caught.
+__version__ = importlib.metadata.version("dilated-attn-pool")
 
 
 def check_compiled(compiled_version: str, expected_version: str = __version__) -> None:

@@ -4,8 +4,11 @@
 contiguous chunk ``(b, n_local, h, d)``; registered as the "ring" backend of ``dilated_attn``.
 """
 
+import importlib.metadata
+
 from dilated_attn_ring.functional import ring_dilated_attention
 
-__version__ = "0.1.0"
+# The installed distribution's version, which the build took from the repository's VERSION file.
+__version__ = importlib.metadata.version("dilated-attn-ring")
 
 __all__ = ["ring_dilated_attention", "__version__"]

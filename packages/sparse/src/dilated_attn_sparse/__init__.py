@@ -10,6 +10,7 @@ Importing the package (or building patterns) loads no FlexAttention and no compi
 package but never runs it pays nothing.
 """
 
+import importlib.metadata
 from typing import TYPE_CHECKING, Any
 
 from dilated_attn_sparse.cache import BlockMaskCache, block_masks
@@ -37,7 +38,8 @@ from dilated_attn_sparse.stats import SparsityStats, sparsity_stats
 if TYPE_CHECKING:
     from dilated_attn_sparse.attention import block_sparse_attention
 
-__version__ = "0.1.0"
+# The installed distribution's version, which the build took from the repository's VERSION file.
+__version__ = importlib.metadata.version("dilated-attn-sparse")
 
 __all__ = [
     "AllOf",
