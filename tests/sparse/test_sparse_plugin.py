@@ -7,7 +7,6 @@ from pathlib import Path
 
 import dilated_attn_sparse.plugin as sparse_plugin
 import pytest
-from packaging.requirements import Requirement
 import sparse_rules as rules
 import torch
 from dilated_attn import MultiheadDilatedAttention, dilated_attention
@@ -15,6 +14,7 @@ from dilated_attn.registry import LOAD_PLUGINS_ENV, build_registry, get_registry
 from dilated_attn.testing import relative_error
 from dilated_attn_sparse import block_sparse_attention, dilated_blocks, local_window
 from dilated_attn_sparse.reference import masked_attention_reference
+from packaging.requirements import Requirement
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -16,7 +16,6 @@ from dilated_attn.pattern import DilationPattern
 from dilated_attn.registry import Capabilities, available_backends, available_pools, get_backend, get_pool
 from dilated_attn.request import Request
 
-
 __all__ = [
     "Capabilities",
     "Request",
