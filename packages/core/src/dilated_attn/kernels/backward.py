@@ -122,7 +122,67 @@ def _dkdv_block(
 
 
 @triton.jit
-def _dkdv_one_head(
+def _dkdv_blocks(
+    dk,
+    dv,
+    k,
+    v,
+    q_src,
+    do_src,
+    lse_block,
+    delta_block,
+    tile_offs,
+    lse_tile_offs,
+    offs_k,
+    offs_n,
+    offs_d,
+    lo,
+    hi,
+    rows,
+    row_stride,
+    lse_row_stride,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
+    """The query blocks from ``lo`` up to ``hi`` of one head."""
+    for start_n in range(lo, hi, BLOCK_N):
+        dk, dv = _dkdv_block(
+            dk,
+            dv,
+            k,
+            v,
+            q_src,
+            do_src,
+            lse_block,
+            delta_block,
+            tile_offs,
+            lse_tile_offs,
+            offs_k,
+            offs_n,
+            offs_d,
+            start_n,
+            rows,
+            row_stride,
+            lse_row_stride,
+            qk_scale,
+            HEAD_DIM,
+            HEAD_DIM_PAD,
+            MASKED,
+            CAUSAL,
+            DOT_PRECISION,
+            USE_TMA,
+        )
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_heads_blocks(
     dk,
     dv,
     k,
@@ -136,33 +196,33 @@ def _dkdv_one_head(
     offs_k,
     offs_n,
     offs_d,
-    start_m,
+    lo,
+    hi,
+    count,
+    head_step,
+    lse_head_step,
     rows,
     row_stride,
     lse_row_stride,
     qk_scale,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
+    MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
-    """Add into ``dk, dv`` what the query rows of one head (``q_ptr``, ``do_ptr``, ``lse_block``,
-    ``delta_block`` at its first row) give the program's key rows."""
-    q_src = row_source(q_ptr, rows, row_stride, BLOCK_N, HEAD_DIM, USE_TMA)
-    do_src = row_source(do_ptr, rows, row_stride, BLOCK_N, HEAD_DIM, USE_TMA)
-    if CAUSAL:
-        # Queries before start_m see none of these keys; those in the band up to the end of
-        # the key block see some of them (masked); later ones see all of them.
-        lo = (start_m // BLOCK_N) * BLOCK_N
-        mid = tl.cdiv(start_m + BLOCK_M, BLOCK_N) * BLOCK_N
-    else:
-        lo = 0
-        mid = 0
-    full_end = (rows // BLOCK_N) * BLOCK_N
-    for start_n in range(lo, mid, BLOCK_N):
+    """The query blocks from ``lo`` up to ``hi`` of ``count`` heads (``head_step`` elements apart in
+    Q and dO, ``lse_head_step`` in the LSE and D), heads outer, as one flat loop: a loop over heads
+    around the block loop spilled registers (sm_90, 255 registers at d = 64) where the flat one
+    compiles like a single head's."""
+    blocks = tl.cdiv(hi - lo, BLOCK_N)
+    for t in range(0, count * blocks):
+        i = t // blocks
+        start_n = lo + (t - i * blocks) * BLOCK_N
+        q_src = row_source(q_ptr + i * head_step, rows, row_stride, BLOCK_N, HEAD_DIM, USE_TMA)
+        do_src = row_source(do_ptr + i * head_step, rows, row_stride, BLOCK_N, HEAD_DIM, USE_TMA)
         dk, dv = _dkdv_block(
             dk,
             dv,
@@ -170,8 +230,8 @@ def _dkdv_one_head(
             v,
             q_src,
             do_src,
-            lse_block,
-            delta_block,
+            lse_block + i * lse_head_step,
+            delta_block + i * lse_head_step,
             tile_offs,
             lse_tile_offs,
             offs_k,
@@ -184,61 +244,7 @@ def _dkdv_one_head(
             qk_scale,
             HEAD_DIM,
             HEAD_DIM_PAD,
-            True,
-            CAUSAL,
-            DOT_PRECISION,
-            USE_TMA,
-        )
-    for start_n in range(mid, full_end, BLOCK_N):
-        dk, dv = _dkdv_block(
-            dk,
-            dv,
-            k,
-            v,
-            q_src,
-            do_src,
-            lse_block,
-            delta_block,
-            tile_offs,
-            lse_tile_offs,
-            offs_k,
-            offs_n,
-            offs_d,
-            start_n,
-            rows,
-            row_stride,
-            lse_row_stride,
-            qk_scale,
-            HEAD_DIM,
-            HEAD_DIM_PAD,
-            False,
-            CAUSAL,
-            DOT_PRECISION,
-            USE_TMA,
-        )
-    for start_n in range(tl.maximum(mid, full_end), rows, BLOCK_N):
-        dk, dv = _dkdv_block(
-            dk,
-            dv,
-            k,
-            v,
-            q_src,
-            do_src,
-            lse_block,
-            delta_block,
-            tile_offs,
-            lse_tile_offs,
-            offs_k,
-            offs_n,
-            offs_d,
-            start_n,
-            rows,
-            row_stride,
-            lse_row_stride,
-            qk_scale,
-            HEAD_DIM,
-            HEAD_DIM_PAD,
-            True,
+            MASKED,
             CAUSAL,
             DOT_PRECISION,
             USE_TMA,
@@ -315,8 +321,108 @@ def _dkdv_kernel(
         v = tl.load(V + kv_base + key_offs, mask=key_mask, other=0.0)
         dk = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
         dv = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+        if CAUSAL:
+            # Queries before start_m see none of these keys; those in the band up to the end of
+            # the key block see some of them (masked); later ones see all of them.
+            lo = (start_m // BLOCK_N) * BLOCK_N
+            mid = tl.cdiv(start_m + BLOCK_M, BLOCK_N) * BLOCK_N
+        else:
+            lo = 0
+            mid = 0
+        full_end = (rows // BLOCK_N) * BLOCK_N
+        # Three runs of query blocks: the causal band (masked), full blocks, the tail (masked).
         if GROUP == 1:
-            dk, dv = _dkdv_one_head(
+            q_src = row_source(Q + base, rows, row_stride, BLOCK_N, HEAD_DIM, USE_TMA)
+            do_src = row_source(DO + base, rows, row_stride, BLOCK_N, HEAD_DIM, USE_TMA)
+            dk, dv = _dkdv_blocks(
+                dk,
+                dv,
+                k,
+                v,
+                q_src,
+                do_src,
+                LSE + lse_base,
+                DELTA + lse_base,
+                tile_offs,
+                lse_tile_offs,
+                offs_k,
+                offs_n,
+                offs_d,
+                lo,
+                mid,
+                rows,
+                row_stride,
+                lse_row_stride,
+                qk_scale,
+                HEAD_DIM,
+                HEAD_DIM_PAD,
+                True,
+                CAUSAL,
+                DOT_PRECISION,
+                BLOCK_N,
+                USE_TMA,
+            )
+            dk, dv = _dkdv_blocks(
+                dk,
+                dv,
+                k,
+                v,
+                q_src,
+                do_src,
+                LSE + lse_base,
+                DELTA + lse_base,
+                tile_offs,
+                lse_tile_offs,
+                offs_k,
+                offs_n,
+                offs_d,
+                mid,
+                full_end,
+                rows,
+                row_stride,
+                lse_row_stride,
+                qk_scale,
+                HEAD_DIM,
+                HEAD_DIM_PAD,
+                False,
+                CAUSAL,
+                DOT_PRECISION,
+                BLOCK_N,
+                USE_TMA,
+            )
+            dk, dv = _dkdv_blocks(
+                dk,
+                dv,
+                k,
+                v,
+                q_src,
+                do_src,
+                LSE + lse_base,
+                DELTA + lse_base,
+                tile_offs,
+                lse_tile_offs,
+                offs_k,
+                offs_n,
+                offs_d,
+                tl.maximum(mid, full_end),
+                rows,
+                rows,
+                row_stride,
+                lse_row_stride,
+                qk_scale,
+                HEAD_DIM,
+                HEAD_DIM_PAD,
+                True,
+                CAUSAL,
+                DOT_PRECISION,
+                BLOCK_N,
+                USE_TMA,
+            )
+        else:
+            # Heads r apart lie r * d elements apart in Q and dO and r apart in the LSE and D.
+            count = tl.cdiv(group_hi - head, dilation)
+            head_step = dilation.to(tl.int64) * stride_h
+            dk, dv = _dkdv_heads_blocks(
                 dk,
                 dv,
                 k,
@@ -330,50 +436,85 @@ def _dkdv_kernel(
                 offs_k,
                 offs_n,
                 offs_d,
-                start_m,
+                lo,
+                mid,
+                count,
+                head_step,
+                dilation,
                 rows,
                 row_stride,
                 lse_row_stride,
                 qk_scale,
                 HEAD_DIM,
                 HEAD_DIM_PAD,
+                True,
                 CAUSAL,
                 DOT_PRECISION,
-                BLOCK_M,
                 BLOCK_N,
                 USE_TMA,
             )
-        else:
-            for i in range(0, tl.cdiv(group_hi - head, dilation)):
-                # Heads r apart lie r * d elements apart in Q and dO and r apart in the LSE and D.
-                shift = i * dilation
-                dk, dv = _dkdv_one_head(
-                    dk,
-                    dv,
-                    k,
-                    v,
-                    Q + base + shift.to(tl.int64) * stride_h,
-                    DO + base + shift.to(tl.int64) * stride_h,
-                    LSE + lse_base + shift,
-                    DELTA + lse_base + shift,
-                    tile_offs,
-                    lse_tile_offs,
-                    offs_k,
-                    offs_n,
-                    offs_d,
-                    start_m,
-                    rows,
-                    row_stride,
-                    lse_row_stride,
-                    qk_scale,
-                    HEAD_DIM,
-                    HEAD_DIM_PAD,
-                    CAUSAL,
-                    DOT_PRECISION,
-                    BLOCK_M,
-                    BLOCK_N,
-                    USE_TMA,
-                )
+            dk, dv = _dkdv_heads_blocks(
+                dk,
+                dv,
+                k,
+                v,
+                Q + base,
+                DO + base,
+                LSE + lse_base,
+                DELTA + lse_base,
+                tile_offs,
+                lse_tile_offs,
+                offs_k,
+                offs_n,
+                offs_d,
+                mid,
+                full_end,
+                count,
+                head_step,
+                dilation,
+                rows,
+                row_stride,
+                lse_row_stride,
+                qk_scale,
+                HEAD_DIM,
+                HEAD_DIM_PAD,
+                False,
+                CAUSAL,
+                DOT_PRECISION,
+                BLOCK_N,
+                USE_TMA,
+            )
+            dk, dv = _dkdv_heads_blocks(
+                dk,
+                dv,
+                k,
+                v,
+                Q + base,
+                DO + base,
+                LSE + lse_base,
+                DELTA + lse_base,
+                tile_offs,
+                lse_tile_offs,
+                offs_k,
+                offs_n,
+                offs_d,
+                tl.maximum(mid, full_end),
+                rows,
+                count,
+                head_step,
+                dilation,
+                rows,
+                row_stride,
+                lse_row_stride,
+                qk_scale,
+                HEAD_DIM,
+                HEAD_DIM_PAD,
+                True,
+                CAUSAL,
+                DOT_PRECISION,
+                BLOCK_N,
+                USE_TMA,
+            )
         dk *= scale
         if ACCUMULATE:
             dk += tl.load(DK + kv_base + key_offs, mask=key_mask, other=0.0).to(tl.float32)
