@@ -288,6 +288,16 @@ def test_interpreted_tensor_descriptors_match_oracle(shape, w, r, mode, causal, 
     assert chosen and all(c == (shape[-1] in tuning._TMA_HEAD_DIMS) for c in chosen)
 
 
+@interpreted
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape, kv_heads, w, r, mode", [GQA_CASES[2], GQA_CASES[4]])
+def test_interpreted_tensor_descriptors_grouped_kv_heads(shape, kv_heads, w, r, mode, causal, monkeypatch):
+    # Descriptors over the K/V head's rows (row stride r * h_kv * d), and in the backward one per
+    # query head of a dK/dV program's group.
+    monkeypatch.setenv(tuning.TMA_ENV, "1")
+    _check(shape, w, r, mode=mode, causal=causal, dtype=torch.float16, device="cpu", kv_heads=kv_heads)
+
+
 def test_tensor_descriptor_eligibility(monkeypatch):
     half = torch.empty(2, 8, 2, 64, dtype=torch.float16)
     monkeypatch.setenv(tuning.TMA_ENV, "1")
