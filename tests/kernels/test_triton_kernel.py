@@ -45,6 +45,7 @@ class _InterpretedPlugin:
             devices=("cpu",),
             dtypes=(torch.float32, torch.float16),
             head_dims=HEAD_DIMS,
+            gqa=True,
             auto=False,
         )
 
@@ -75,15 +76,32 @@ def _check(
     dtype: torch.dtype,
     device: str,
     seed: int = 0,
+    kv_heads: int | None = None,
 ) -> None:
-    """Forward, lse and gradients (through out and lse) of the kernels against the oracle."""
+    """Forward, lse and gradients (through out and lse) of the kernels against the oracle.
+
+    With ``kv_heads`` K/V have that many heads (grouped-query attention) and the oracle runs on them
+    repeated to every query head; its K/V gradients sum over the repeats."""
     g = torch.Generator().manual_seed(seed)
+    b, n, h, d = shape
+    kv_shape = (b, n, h if kv_heads is None else kv_heads, d)
     q, k, v = (
-        torch.randn(shape, generator=g).to(device=device, dtype=dtype).requires_grad_() for _ in range(3)
+        torch.randn(s, generator=g).to(device=device, dtype=dtype).requires_grad_()
+        for s in (shape, kv_shape, kv_shape)
     )
     out, lse = triton_dilated_attention(q, k, v, w, r, mode=mode, causal=causal, return_lse=True)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref, ref_lse = dilated_attention_reference(q64, k64, v64, w, r, mode=mode, causal=causal, return_lse=True)
+    repeat = h // kv_shape[2]
+    ref, ref_lse = dilated_attention_reference(
+        q64,
+        k64.repeat_interleave(repeat, dim=2),
+        v64.repeat_interleave(repeat, dim=2),
+        w,
+        r,
+        mode=mode,
+        causal=causal,
+        return_lse=True,
+    )
     fwd_tol, grad_tol = TOLERANCES[dtype]
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert relative_error(out, ref) <= fwd_tol
@@ -97,6 +115,7 @@ def _check(
     ((out.float() * grad_out).sum() + (lse[finite] * grad_lse[finite]).sum()).backward()
     ((ref * grad_out.double()).sum() + (ref_lse[finite] * grad_lse[finite].double()).sum()).backward()
     for name, ours, theirs in (("q", q, q64), ("k", k, k64), ("v", v, v64)):
+        assert ours.grad.shape == ours.shape
         err = relative_error(ours.grad, theirs.grad)
         assert err <= grad_tol, f"d{name}: relative error {err:.3e} > {grad_tol:g}"
 
@@ -133,6 +152,42 @@ def test_plan_head_groups():
     small = plan_launches(50, 2, [8, 16, 64], [1, 1, 1], "head_groups")
     assert [(lc.head0, lc.segment) for lc in small.launches] == [(0, 8), (1, 16)]
     assert not small.needs_init
+
+
+def test_plan_grouped_kv_heads():
+    # Without grouping the K/V flags are the query heads' own.
+    for plan in (
+        plan_launches(100, 4, [16, 32, 64], [2, 1, 4], "longnet"),
+        plan_launches(50, 5, [8, 16, 64], [1, 2, 4], "head_groups"),
+    ):
+        assert [lc.kv_accumulate for lc in plan.launches] == [lc.accumulate for lc in plan.launches]
+        assert plan.kv_needs_init == plan.needs_init
+    # longnet: every launch covers every head, so K/V heads follow the query heads.
+    plan = plan_launches(100, 6, [16, 32], [1, 4], "longnet", num_kv_heads=2)
+    assert [lc.kv_accumulate for lc in plan.launches] == [False, True]
+    assert not plan.kv_needs_init
+    # head_groups, 6 query heads in pairs over 2 K/V heads of 3: heads {2, 3} read K/V heads 0 and 1.
+    plan = plan_launches(61, 6, [8, 16, 61], [1, 2, 4], "head_groups", num_kv_heads=2)
+    assert [(lc.head0, lc.accumulate, lc.kv_accumulate) for lc in plan.launches] == [
+        (0, False, False),
+        (2, False, True),
+        (4, False, True),
+    ]
+    assert plan.needs_init and plan.kv_needs_init
+    # r = 1 for every pair, but the pairs still share K/V heads: merged into, from zeros.
+    plan = plan_launches(61, 6, [8, 16, 61], [1, 1, 1], "head_groups", num_kv_heads=2)
+    assert [lc.kv_accumulate for lc in plan.launches] == [False, True, True]
+    assert not plan.needs_init and plan.kv_needs_init
+    # Groups aligned with the K/V heads: each K/V head has one launch, which writes it.
+    plan = plan_launches(40, 4, [8, 40], [1, 2], "head_groups", num_kv_heads=2)
+    assert not any(lc.kv_accumulate for lc in plan.launches)
+    assert plan.kv_needs_init  # K/V head 1 starts with r = 2
+
+
+@pytest.mark.parametrize("num_kv_heads", [0, 3, 5])
+def test_plan_rejects_kv_heads_not_dividing(num_kv_heads):
+    with pytest.raises(ValueError, match=rf"num_kv_heads={num_kv_heads} must divide num_heads=4"):
+        plan_launches(30 + num_kv_heads, 4, [8], [1], "longnet", num_kv_heads=num_kv_heads)
 
 
 # -- autotuning candidates ---------------------------------------------------------------------
@@ -190,6 +245,33 @@ def test_interpreted_matches_oracle(shape, w, r, mode, dtype, causal):
     _check(shape, w, r, mode=mode, causal=causal, dtype=dtype, device="cpu")
 
 
+# shape (b, n, h, d), K/V heads, w, r, mode: query head j reads K/V head j // (h / h_kv) with its own
+# offset j % r, so a group of g query heads may select the same rows (r dividing g), partly the same
+# (r and g coprime, or r < g not dividing it) or all different rows (r >= g) of one K/V head.
+GQA_CASES = [
+    # g = 2: r = 2 gives each pair both offsets; r = 4 > g.
+    ((1, 67, 4, 16), 2, [16, 32, 67], [1, 2, 4], "longnet"),
+    # g = 2 over 3 K/V heads, r = 3: the pairs' offsets are (0, 1), (2, 0), (1, 2).
+    ((1, 77, 6, 16), 3, [20, 40, 77], [1, 3, 5], "longnet"),
+    # multi-query (g = 4), no r = 1: rows without keys; r = 2 pairs heads, r = 3 pairs heads 0 and 3.
+    ((1, 45, 4, 32), 1, [15, 45], [2, 3], "longnet"),
+    # g = 3, two batches: r = 3 one head per offset, r = 2 heads {0, 2} and {3, 5} share rows.
+    ((2, 53, 6, 16), 2, [8, 24, 53], [1, 3, 2], "longnet"),
+    # head groups of 2 over K/V groups of 3: heads {2, 3} read K/V heads 0 and 1.
+    ((1, 61, 6, 16), 2, [8, 16, 61], [1, 2, 4], "head_groups"),
+    # head groups 2, 1, 1 over K/V pairs; head_dim padded to 32.
+    ((1, 50, 4, 24), 2, [10, 50, 25], [2, 1, 5], "head_groups"),
+]
+
+
+@interpreted
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape, kv_heads, w, r, mode", GQA_CASES)
+def test_interpreted_grouped_kv_heads_match_oracle(shape, kv_heads, w, r, mode, dtype, causal):
+    _check(shape, w, r, mode=mode, causal=causal, dtype=dtype, device="cpu", kv_heads=kv_heads)
+
+
 @interpreted
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape, w, r, mode", INTERPRETED_CASES)
@@ -204,6 +286,16 @@ def test_interpreted_tensor_descriptors_match_oracle(shape, w, r, mode, causal, 
     _check(shape, w, r, mode=mode, causal=causal, dtype=torch.float16, device="cpu")
     # Every launch takes the descriptors unless the head size is not one they copy whole.
     assert chosen and all(c == (shape[-1] in tuning._TMA_HEAD_DIMS) for c in chosen)
+
+
+@interpreted
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape, kv_heads, w, r, mode", [GQA_CASES[2], GQA_CASES[4]])
+def test_interpreted_tensor_descriptors_grouped_kv_heads(shape, kv_heads, w, r, mode, causal, monkeypatch):
+    # Descriptors over the K/V head's rows (row stride r * h_kv * d), and in the backward one per
+    # query head of a dK/dV program's group.
+    monkeypatch.setenv(tuning.TMA_ENV, "1")
+    _check(shape, w, r, mode=mode, causal=causal, dtype=torch.float16, device="cpu", kv_heads=kv_heads)
 
 
 def test_tensor_descriptor_eligibility(monkeypatch):
@@ -268,6 +360,22 @@ def test_interpreted_opcheck():
         0.25,
     )
     torch.library.opcheck(torch.ops.dilated_attn.triton_bwd.default, bwd_args)
+
+
+@interpreted
+def test_interpreted_opcheck_grouped_kv_heads():
+    # The fake implementations give dk, dv the shape of k, v (3 K/V heads for 6 query heads).
+    q = torch.randn(1, 40, 6, 16, requires_grad=True)
+    k, v = (torch.randn(1, 40, 3, 16, requires_grad=True) for _ in range(2))
+    args = (q, k, v, [8, 40], [1, 3], "longnet", True, 0.25)
+    torch.library.opcheck(torch.ops.dilated_attn.triton_fwd.default, args)
+    out, lse = torch.ops.dilated_attn.triton_fwd(*args)
+    dout = torch.randn_like(out)
+    bwd_args = (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None)
+    bwd_args += ([8, 40], [1, 3], "longnet", True, 0.25)
+    torch.library.opcheck(torch.ops.dilated_attn.triton_bwd.default, bwd_args)
+    dq, dk, dv = torch.ops.dilated_attn.triton_bwd(*bwd_args)
+    assert dq.shape == q.shape and dk.shape == dv.shape == k.shape
 
 
 @interpreted
@@ -345,6 +453,7 @@ def test_registers_preferred_cuda_backend():
     backend = get_registry().attention("triton")
     assert set(backend.capabilities.modes) == {"longnet", "head_groups"}
     assert backend.capabilities.causal and backend.capabilities.backward
+    assert caps["gqa"] and backend.capabilities.gqa  # grouped K/V heads reach the kernels unrepeated
     assert backend.capabilities.priority > get_registry().attention("sdpa").capabilities.priority
 
 
@@ -385,6 +494,22 @@ CUDA_CASES = [
 @pytest.mark.parametrize("shape, w, r, mode", CUDA_CASES)
 def test_cuda_matches_oracle(shape, w, r, mode, dtype, causal):
     _check(shape, w, r, mode=mode, causal=causal, dtype=dtype, device="cuda")
+
+
+@cuda
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_cuda_grouped_kv_heads_match_oracle(causal):
+    # 16 query heads over 4 K/V heads (g = 4): r = 1, 2, 4 divide g, r = 8 gives each head its own rows.
+    _check(
+        (1, 4099, 16, 64),
+        [512, 1024, 2048, 4096],
+        [1, 2, 4, 8],
+        mode="longnet",
+        causal=causal,
+        dtype=torch.bfloat16,
+        device="cuda",
+        kv_heads=4,
+    )
 
 
 @cuda

@@ -27,7 +27,7 @@ from triton.compiler import ASTSource
 
 KERNELS = {"forward": _fwd_kernel, "dkdv": _dkdv_kernel, "dq": _dq_kernel}
 # Arguments that the launchers pass as Python ints; strides are multiples of 16 elements.
-_STRIDES = ("stride_b", "stride_n", "stride_h", "lse_stride_b", "lse_stride_n")
+_STRIDES = ("stride_b", "stride_n", "stride_h", "kv_stride_b", "kv_stride_n", "lse_stride_b", "lse_stride_n")
 _MAY_BE_ONE = (
     "tune_class",
     "num_heads",
@@ -65,11 +65,13 @@ def compile_one(
     arch: int,
     ones: bool,
     flags: tuple[str, ...] = (),
+    group: int = 1,
 ) -> dict[str, Any]:
     block_m, block_n, warps, stages = tile
     constants: dict[str, Any] = dict(
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim,
+        GROUP=group,
         CAUSAL=True,
         ACCUMULATE=True,
         DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
@@ -112,34 +114,36 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
 def main(args: argparse.Namespace) -> int:
     """The ``compile-check`` command; 1 when some candidate failed to compile."""
     failures = 0
-    jobs: list[tuple[str, Any, str, int, tuple[int, int, int, int], bool, tuple[str, ...]]] = []
+    jobs: list[tuple[str, Any, str, int, tuple[int, int, int, int], bool, tuple[str, ...], int]] = []
     for name, kernel in KERNELS.items():
         for tier, tiles in _CANDIDATES[name].items():
-            jobs += [(name, kernel, "bf16", tier, tile, False, ()) for tile in tiles]
+            jobs += [(name, kernel, "bf16", tier, tile, False, (), 1) for tile in tiles]
+            # grouped-query attention: four query heads per K/V head
+            jobs.append((name, kernel, "bf16", tier, tiles[0], False, (), 4))
         for tier, tiles in _FLOAT32.items():
-            jobs += [(name, kernel, "fp32", tier, tile, False, ()) for tile in tiles]
-        jobs.append((name, kernel, "bf16", 64, _CANDIDATES[name][64][0], True, ()))
+            jobs += [(name, kernel, "fp32", tier, tile, False, (), 1) for tile in tiles]
+        jobs.append((name, kernel, "bf16", 64, _CANDIDATES[name][64][0], True, (), 1))
         for tier in (64, 128):  # tensor descriptors: 16-bit inputs, head sizes up to 128
             jobs += [
-                (name, kernel, "bf16", tier, tile, False, ("USE_TMA",)) for tile in _CANDIDATES[name][tier]
+                (name, kernel, "bf16", tier, tile, False, ("USE_TMA",), 1) for tile in _CANDIDATES[name][tier]
             ]
     print(
-        "| kernel | flags | dtype | d | BLOCK_M x BLOCK_N, warps, stages | args = 1 | regs | stack | shared "
-        "| wgmma | s |"
+        "| kernel | flags | group | dtype | d | BLOCK_M x BLOCK_N, warps, stages | args = 1 | regs | stack "
+        "| shared | wgmma | s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, kernel, dtype, head_dim, tile, ones, flags in jobs:
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, kernel, dtype, head_dim, tile, ones, flags, group in jobs:
         label = "+".join(flags) or "-"
         try:
-            r = compile_one(kernel, dtype, head_dim, tile, args.arch, ones, flags)
+            r = compile_one(kernel, dtype, head_dim, tile, args.arch, ones, flags, group)
         except Exception as exc:  # report every candidate, failing ones included
             failures += 1
             print(
-                f"| {name} | {label} | {dtype} | {head_dim} | {tile} | {ones} | FAILED: {type(exc).__name__}: {str(exc)[:200]} |"
+                f"| {name} | {label} | {group} | {dtype} | {head_dim} | {tile} | {ones} | FAILED: {type(exc).__name__}: {str(exc)[:200]} |"
             )
             continue
         print(
-            f"| {name} | {label} | {dtype} | {head_dim} | {tile[0]}x{tile[1]}, {tile[2]}, {tile[3]} | {ones} | "
+            f"| {name} | {label} | {group} | {dtype} | {head_dim} | {tile[0]}x{tile[1]}, {tile[2]}, {tile[3]} | {ones} | "
             f"{r['registers']} | {r['stack']} | {r['shared']} | {r['wgmma']} | {r['seconds']:.1f} |"
         )
     return 1 if failures else 0

@@ -38,13 +38,15 @@ def triton_backend(
 
 
 def register_triton(register: Callable[..., None]) -> None:
-    """Register "triton": CUDA, fp16/bf16/fp32, head_dim 16..256, preferred by ``auto``."""
+    """Register "triton": CUDA, fp16/bf16/fp32, head_dim 16..256, grouped K/V heads read in place,
+    preferred by ``auto``."""
     register(
         "triton",
         triton_backend,
         devices=("cuda",),
         dtypes=DTYPES,
         head_dims=HEAD_DIMS,
+        gqa=True,
         priority=20,
         description="fused Triton kernels: strided loads, online softmax, in-place LSE merge",
     )

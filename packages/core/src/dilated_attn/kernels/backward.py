@@ -6,6 +6,12 @@ so each pattern's contribution is independent of the others and is added into ``
 Per pattern two kernels run on the same strided rows as the forward: one program per key block for
 ``dK, dV`` (looping over query blocks) and one per query block for ``dQ`` (looping over key blocks),
 which recomputes ``P`` instead of racing on ``dQ`` with atomics.
+
+With grouped-query attention the ``g = h / h_kv`` query heads of a K/V head add into its ``dK, dV``;
+those with the same offset ``j % r`` select the same key rows, those with different offsets disjoint
+ones. The dK/dV program of the first head of each offset class in a group loops over the heads of its
+class (``j, j + r, ...``) and the rest exit: each dK/dV row still has one writer, summing in a fixed
+order, with no fp32 ``(b, n, h, d)`` buffer and no atomics.
 """
 
 from __future__ import annotations
@@ -16,7 +22,14 @@ import torch
 import triton
 import triton.language as tl
 
-from dilated_attn.kernels.geometry import LOG2E, load_row_tiles, program_coords, row_geometry, row_source
+from dilated_attn.kernels.geometry import (
+    LOG2E,
+    kv_rows,
+    load_row_tiles,
+    program_coords,
+    row_geometry,
+    row_source,
+)
 from dilated_attn.kernels.launches import Launch
 from dilated_attn.kernels.tuning import (
     configs_for,
@@ -108,6 +121,137 @@ def _dkdv_block(
     return dk, dv
 
 
+@triton.jit
+def _dkdv_blocks(
+    dk,
+    dv,
+    k,
+    v,
+    q_src,
+    do_src,
+    lse_block,
+    delta_block,
+    tile_offs,
+    lse_tile_offs,
+    offs_k,
+    offs_n,
+    offs_d,
+    lo,
+    hi,
+    rows,
+    row_stride,
+    lse_row_stride,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
+    """The query blocks from ``lo`` up to ``hi`` of one head."""
+    for start_n in range(lo, hi, BLOCK_N):
+        dk, dv = _dkdv_block(
+            dk,
+            dv,
+            k,
+            v,
+            q_src,
+            do_src,
+            lse_block,
+            delta_block,
+            tile_offs,
+            lse_tile_offs,
+            offs_k,
+            offs_n,
+            offs_d,
+            start_n,
+            rows,
+            row_stride,
+            lse_row_stride,
+            qk_scale,
+            HEAD_DIM,
+            HEAD_DIM_PAD,
+            MASKED,
+            CAUSAL,
+            DOT_PRECISION,
+            USE_TMA,
+        )
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_heads_blocks(
+    dk,
+    dv,
+    k,
+    v,
+    q_ptr,
+    do_ptr,
+    lse_block,
+    delta_block,
+    tile_offs,
+    lse_tile_offs,
+    offs_k,
+    offs_n,
+    offs_d,
+    lo,
+    hi,
+    count,
+    head_step,
+    lse_head_step,
+    rows,
+    row_stride,
+    lse_row_stride,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
+    """The query blocks from ``lo`` up to ``hi`` of ``count`` heads (``head_step`` elements apart in
+    Q and dO, ``lse_head_step`` in the LSE and D), heads outer, as one flat loop: a loop over heads
+    around the block loop spilled registers (sm_90, 255 registers at d = 64) where the flat one
+    compiles like a single head's."""
+    blocks = tl.cdiv(hi - lo, BLOCK_N)
+    for t in range(0, count * blocks):
+        i = t // blocks
+        start_n = lo + (t - i * blocks) * BLOCK_N
+        q_src = row_source(q_ptr + i * head_step, rows, row_stride, BLOCK_N, HEAD_DIM, USE_TMA)
+        do_src = row_source(do_ptr + i * head_step, rows, row_stride, BLOCK_N, HEAD_DIM, USE_TMA)
+        dk, dv = _dkdv_block(
+            dk,
+            dv,
+            k,
+            v,
+            q_src,
+            do_src,
+            lse_block + i * lse_head_step,
+            delta_block + i * lse_head_step,
+            tile_offs,
+            lse_tile_offs,
+            offs_k,
+            offs_n,
+            offs_d,
+            start_n,
+            rows,
+            row_stride,
+            lse_row_stride,
+            qk_scale,
+            HEAD_DIM,
+            HEAD_DIM_PAD,
+            MASKED,
+            CAUSAL,
+            DOT_PRECISION,
+            USE_TMA,
+        )
+    return dk, dv
+
+
 # Triton turns int arguments equal to 1 into constants; r = 1 must stay a tensor for .to().
 @triton.jit(do_not_specialize=["dilation"])
 def _dkdv_kernel(
@@ -122,6 +266,8 @@ def _dkdv_kernel(
     stride_b,
     stride_n,
     stride_h,
+    kv_stride_b,
+    kv_stride_n,
     lse_stride_b,
     lse_stride_n,
     seq_len,
@@ -136,6 +282,7 @@ def _dkdv_kernel(
     tune_class,  # read by the autotuner's key only
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
+    GROUP: tl.constexpr,
     CAUSAL: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -146,22 +293,32 @@ def _dkdv_kernel(
     # This program owns BLOCK_M key rows and walks the query rows that see them, BLOCK_N at a time.
     batch, head, seg, start_m = program_coords(max_rows, num_segments, num_heads, head0, BLOCK_M)
     first, rows = row_geometry(seg, head, seq_len, segment, dilation)
-    if start_m < rows:
+    if GROUP == 1:
+        active = start_m < rows
+    else:
+        # The query heads of this launch that read this K/V head with this head's offset (head,
+        # head + r, ...) select the same key rows: the first of them sums all their shares, so every
+        # dK/dV row has one writer (no atomics, a fixed order); the others have nothing to do.
+        group_lo = tl.maximum((head // GROUP) * GROUP, head0)
+        group_hi = tl.minimum((head // GROUP + 1) * GROUP, head0 + num_heads)
+        active = (start_m < rows) & (head - dilation < group_lo)
+    if active:
         row_stride = dilation.to(tl.int64) * stride_n
         lse_row_stride = dilation.to(tl.int64) * lse_stride_n
         base = batch.to(tl.int64) * stride_b + first.to(tl.int64) * stride_n + head.to(tl.int64) * stride_h
         lse_base = batch.to(tl.int64) * lse_stride_b + first.to(tl.int64) * lse_stride_n + head
+        kv_base, kv_row_stride = kv_rows(
+            base, row_stride, batch, head, first, dilation, stride_h, kv_stride_b, kv_stride_n, GROUP
+        )
         offs_k = start_m + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
         tile_offs = offs_n.to(tl.int64)[:, None] * row_stride + offs_d[None, :]
         lse_tile_offs = offs_n.to(tl.int64) * lse_row_stride
-        key_offs = offs_k.to(tl.int64)[:, None] * row_stride + offs_d[None, :]
+        key_offs = offs_k.to(tl.int64)[:, None] * kv_row_stride + offs_d[None, :]
         key_mask = (offs_k[:, None] < rows) & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(K + base + key_offs, mask=key_mask, other=0.0)
-        v = tl.load(V + base + key_offs, mask=key_mask, other=0.0)
-        q_src = row_source(Q + base, rows, row_stride, BLOCK_N, HEAD_DIM, USE_TMA)
-        do_src = row_source(DO + base, rows, row_stride, BLOCK_N, HEAD_DIM, USE_TMA)
+        k = tl.load(K + kv_base + key_offs, mask=key_mask, other=0.0)
+        v = tl.load(V + kv_base + key_offs, mask=key_mask, other=0.0)
         dk = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
         dv = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
         if CAUSAL:
@@ -173,8 +330,11 @@ def _dkdv_kernel(
             lo = 0
             mid = 0
         full_end = (rows // BLOCK_N) * BLOCK_N
-        for start_n in range(lo, mid, BLOCK_N):
-            dk, dv = _dkdv_block(
+        # Three runs of query blocks: the causal band (masked), full blocks, the tail (masked).
+        if GROUP == 1:
+            q_src = row_source(Q + base, rows, row_stride, BLOCK_N, HEAD_DIM, USE_TMA)
+            do_src = row_source(DO + base, rows, row_stride, BLOCK_N, HEAD_DIM, USE_TMA)
+            dk, dv = _dkdv_blocks(
                 dk,
                 dv,
                 k,
@@ -188,7 +348,8 @@ def _dkdv_kernel(
                 offs_k,
                 offs_n,
                 offs_d,
-                start_n,
+                lo,
+                mid,
                 rows,
                 row_stride,
                 lse_row_stride,
@@ -198,10 +359,10 @@ def _dkdv_kernel(
                 True,
                 CAUSAL,
                 DOT_PRECISION,
+                BLOCK_N,
                 USE_TMA,
             )
-        for start_n in range(mid, full_end, BLOCK_N):
-            dk, dv = _dkdv_block(
+            dk, dv = _dkdv_blocks(
                 dk,
                 dv,
                 k,
@@ -215,7 +376,8 @@ def _dkdv_kernel(
                 offs_k,
                 offs_n,
                 offs_d,
-                start_n,
+                mid,
+                full_end,
                 rows,
                 row_stride,
                 lse_row_stride,
@@ -225,10 +387,10 @@ def _dkdv_kernel(
                 False,
                 CAUSAL,
                 DOT_PRECISION,
+                BLOCK_N,
                 USE_TMA,
             )
-        for start_n in range(tl.maximum(mid, full_end), rows, BLOCK_N):
-            dk, dv = _dkdv_block(
+            dk, dv = _dkdv_blocks(
                 dk,
                 dv,
                 k,
@@ -242,7 +404,8 @@ def _dkdv_kernel(
                 offs_k,
                 offs_n,
                 offs_d,
-                start_n,
+                tl.maximum(mid, full_end),
+                rows,
                 rows,
                 row_stride,
                 lse_row_stride,
@@ -252,14 +415,112 @@ def _dkdv_kernel(
                 True,
                 CAUSAL,
                 DOT_PRECISION,
+                BLOCK_N,
+                USE_TMA,
+            )
+        else:
+            # Heads r apart lie r * d elements apart in Q and dO and r apart in the LSE and D.
+            count = tl.cdiv(group_hi - head, dilation)
+            head_step = dilation.to(tl.int64) * stride_h
+            dk, dv = _dkdv_heads_blocks(
+                dk,
+                dv,
+                k,
+                v,
+                Q + base,
+                DO + base,
+                LSE + lse_base,
+                DELTA + lse_base,
+                tile_offs,
+                lse_tile_offs,
+                offs_k,
+                offs_n,
+                offs_d,
+                lo,
+                mid,
+                count,
+                head_step,
+                dilation,
+                rows,
+                row_stride,
+                lse_row_stride,
+                qk_scale,
+                HEAD_DIM,
+                HEAD_DIM_PAD,
+                True,
+                CAUSAL,
+                DOT_PRECISION,
+                BLOCK_N,
+                USE_TMA,
+            )
+            dk, dv = _dkdv_heads_blocks(
+                dk,
+                dv,
+                k,
+                v,
+                Q + base,
+                DO + base,
+                LSE + lse_base,
+                DELTA + lse_base,
+                tile_offs,
+                lse_tile_offs,
+                offs_k,
+                offs_n,
+                offs_d,
+                mid,
+                full_end,
+                count,
+                head_step,
+                dilation,
+                rows,
+                row_stride,
+                lse_row_stride,
+                qk_scale,
+                HEAD_DIM,
+                HEAD_DIM_PAD,
+                False,
+                CAUSAL,
+                DOT_PRECISION,
+                BLOCK_N,
+                USE_TMA,
+            )
+            dk, dv = _dkdv_heads_blocks(
+                dk,
+                dv,
+                k,
+                v,
+                Q + base,
+                DO + base,
+                LSE + lse_base,
+                DELTA + lse_base,
+                tile_offs,
+                lse_tile_offs,
+                offs_k,
+                offs_n,
+                offs_d,
+                tl.maximum(mid, full_end),
+                rows,
+                count,
+                head_step,
+                dilation,
+                rows,
+                row_stride,
+                lse_row_stride,
+                qk_scale,
+                HEAD_DIM,
+                HEAD_DIM_PAD,
+                True,
+                CAUSAL,
+                DOT_PRECISION,
+                BLOCK_N,
                 USE_TMA,
             )
         dk *= scale
         if ACCUMULATE:
-            dk += tl.load(DK + base + key_offs, mask=key_mask, other=0.0).to(tl.float32)
-            dv += tl.load(DV + base + key_offs, mask=key_mask, other=0.0).to(tl.float32)
-        tl.store(DK + base + key_offs, dk.to(DK.dtype.element_ty), mask=key_mask)
-        tl.store(DV + base + key_offs, dv.to(DV.dtype.element_ty), mask=key_mask)
+            dk += tl.load(DK + kv_base + key_offs, mask=key_mask, other=0.0).to(tl.float32)
+            dv += tl.load(DV + kv_base + key_offs, mask=key_mask, other=0.0).to(tl.float32)
+        tl.store(DK + kv_base + key_offs, dk.to(DK.dtype.element_ty), mask=key_mask)
+        tl.store(DV + kv_base + key_offs, dv.to(DV.dtype.element_ty), mask=key_mask)
 
 
 @triton.jit
@@ -277,7 +538,7 @@ def _dq_block(
     offs_d,
     start_n,
     rows,
-    row_stride,
+    kv_row_stride,
     qk_scale,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -287,7 +548,7 @@ def _dq_block(
     USE_TMA: tl.constexpr,
 ):
     key_rows = start_n + offs_n
-    offs = start_n * row_stride + tile_offs
+    offs = start_n * kv_row_stride + tile_offs
     k, v = load_row_tiles(
         k_src, v_src, start_n, offs, key_rows, rows, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED, USE_TMA
     )
@@ -316,6 +577,8 @@ def _dq_kernel(
     stride_b,
     stride_n,
     stride_h,
+    kv_stride_b,
+    kv_stride_n,
     lse_stride_b,
     lse_stride_n,
     seq_len,
@@ -330,6 +593,7 @@ def _dq_kernel(
     tune_class,  # read by the autotuner's key only
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
+    GROUP: tl.constexpr,
     CAUSAL: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -342,10 +606,13 @@ def _dq_kernel(
     if start_m < rows:
         row_stride = dilation.to(tl.int64) * stride_n
         base = batch.to(tl.int64) * stride_b + first.to(tl.int64) * stride_n + head.to(tl.int64) * stride_h
+        kv_base, kv_row_stride = kv_rows(
+            base, row_stride, batch, head, first, dilation, stride_h, kv_stride_b, kv_stride_n, GROUP
+        )
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
-        tile_offs = offs_n.to(tl.int64)[:, None] * row_stride + offs_d[None, :]
+        tile_offs = offs_n.to(tl.int64)[:, None] * kv_row_stride + offs_d[None, :]
         row_offs = offs_m.to(tl.int64)[:, None] * row_stride + offs_d[None, :]
         row_mask = (offs_m[:, None] < rows) & (offs_d[None, :] < HEAD_DIM)
         lse_offs = (
@@ -356,8 +623,8 @@ def _dq_kernel(
         do = tl.load(DO + base + row_offs, mask=row_mask, other=0.0)
         lse2 = tl.load(LSE + lse_offs, mask=row_valid, other=0.0) * LOG2E
         delta = tl.load(DELTA + lse_offs, mask=row_valid, other=0.0)
-        k_src = row_source(K + base, rows, row_stride, BLOCK_N, HEAD_DIM, USE_TMA)
-        v_src = row_source(V + base, rows, row_stride, BLOCK_N, HEAD_DIM, USE_TMA)
+        k_src = row_source(K + kv_base, rows, kv_row_stride, BLOCK_N, HEAD_DIM, USE_TMA)
+        v_src = row_source(V + kv_base, rows, kv_row_stride, BLOCK_N, HEAD_DIM, USE_TMA)
         dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
         if CAUSAL:
             hi = tl.minimum(rows, start_m + BLOCK_M)
@@ -380,7 +647,7 @@ def _dq_kernel(
                 offs_d,
                 start_n,
                 rows,
-                row_stride,
+                kv_row_stride,
                 qk_scale,
                 HEAD_DIM,
                 HEAD_DIM_PAD,
@@ -404,7 +671,7 @@ def _dq_kernel(
                 offs_d,
                 start_n,
                 rows,
-                row_stride,
+                kv_row_stride,
                 qk_scale,
                 HEAD_DIM,
                 HEAD_DIM_PAD,
@@ -421,13 +688,13 @@ def _dq_kernel(
 
 _dkdv_tuned = triton.autotune(
     configs=configs_for("dkdv"),
-    key=["HEAD_DIM_PAD", "CAUSAL", "tune_class", "USE_TMA"],
+    key=["HEAD_DIM_PAD", "GROUP", "CAUSAL", "tune_class", "USE_TMA"],
     prune_configs_by={"early_config_prune": pruner("dkdv")},
 )(_dkdv_kernel)
 
 _dq_tuned = triton.autotune(
     configs=configs_for("dq"),
-    key=["HEAD_DIM_PAD", "CAUSAL", "tune_class", "USE_TMA"],
+    key=["HEAD_DIM_PAD", "GROUP", "CAUSAL", "tune_class", "USE_TMA"],
     prune_configs_by={"early_config_prune": pruner("dq")},
 )(_dq_kernel)
 
@@ -469,8 +736,8 @@ def backward_launch(
 ) -> None:
     """Add one pattern's gradients into ``dq, dk, dv`` (or write them, for a head's first launch).
 
-    ``q, k, v, dout, dq, dk, dv`` contiguous ``(b, n, h, d)``; ``lse`` (merged) and ``delta``
-    contiguous ``(b, n, h)`` float32.
+    ``q, dout, dq`` contiguous ``(b, n, h, d)``, ``k, v, dk, dv`` contiguous ``(b, n, h_kv, d)`` with
+    ``h_kv`` dividing ``h``; ``lse`` (merged) and ``delta`` contiguous ``(b, n, h)`` float32.
     """
     b, n, h, d = q.shape
     max_rows = launch.max_rows()
@@ -488,14 +755,16 @@ def backward_launch(
         USE_TMA=tma,
         HEAD_DIM=d,
         HEAD_DIM_PAD=head_dim_pad(d),
+        GROUP=h // k.shape[2],
         CAUSAL=causal,
-        ACCUMULATE=launch.accumulate,
         DOT_PRECISION=dot_precision(q.dtype),
     )
     geometry = (
         q.stride(0),
         q.stride(1),
         q.stride(2),
+        k.stride(0),
+        k.stride(1),
         lse.stride(0),
         lse.stride(1),
         n,
@@ -509,5 +778,5 @@ def backward_launch(
         scale,
         tuning_class(b, n, h),
     )
-    _dkdv_tuned[grid](q, k, v, dout, lse, delta, dk, dv, *geometry, **common)
-    _dq_tuned[grid](q, k, v, dout, lse, delta, dq, *geometry, **common)
+    _dkdv_tuned[grid](q, k, v, dout, lse, delta, dk, dv, *geometry, ACCUMULATE=launch.kv_accumulate, **common)
+    _dq_tuned[grid](q, k, v, dout, lse, delta, dq, *geometry, ACCUMULATE=launch.accumulate, **common)

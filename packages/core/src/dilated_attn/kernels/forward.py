@@ -2,7 +2,8 @@
 
 A program owns ``BLOCK_M`` dilated query rows of one (batch, head, segment). Dilated row ``m`` of head
 ``j`` in segment ``s`` is position ``s*W + j % r + m*r``; on a contiguous ``(b, n, h, d)`` tensor the
-rows of one head are ``r * h * d`` elements apart, so queries, keys and values are read with strided
+rows of one head are ``r * h * d`` elements apart (``r * h_kv * d`` in keys and values with grouped
+heads, read at K/V head ``j // (h / h_kv)``), so queries, keys and values are read with strided
 loads and never gathered. The program runs an online softmax over the segment's key blocks, then
 merges its rows into ``out``/``lse`` by their log-sum-exps (or writes them, for a head's first launch).
 """
@@ -20,6 +21,7 @@ import triton.language as tl
 from dilated_attn.kernels.geometry import (
     LN2,
     LOG2E,
+    kv_rows,
     load_row_tiles,
     program_coords,
     row_geometry,
@@ -51,7 +53,7 @@ def _fwd_block(
     offs_d,
     start_n,
     rows,
-    row_stride,
+    kv_row_stride,
     qk_scale,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -62,7 +64,7 @@ def _fwd_block(
 ):
     key_rows = start_n + offs_n
     # The tile offsets are fixed; only the (int64) start of the block moves.
-    kv_offs = start_n * row_stride + tile_offs
+    kv_offs = start_n * kv_row_stride + tile_offs
     k, v = load_row_tiles(
         k_src, v_src, start_n, kv_offs, key_rows, rows, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED, USE_TMA
     )
@@ -98,6 +100,8 @@ def _fwd_kernel(
     stride_b,
     stride_n,
     stride_h,
+    kv_stride_b,
+    kv_stride_n,
     lse_stride_b,
     lse_stride_n,
     seq_len,
@@ -111,6 +115,7 @@ def _fwd_kernel(
     tune_class,  # read by the autotuner's key only
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
+    GROUP: tl.constexpr,
     CAUSAL: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -123,14 +128,17 @@ def _fwd_kernel(
     if start_m < rows:
         row_stride = dilation.to(tl.int64) * stride_n
         base = batch.to(tl.int64) * stride_b + first.to(tl.int64) * stride_n + head.to(tl.int64) * stride_h
+        kv_base, kv_row_stride = kv_rows(
+            base, row_stride, batch, head, first, dilation, stride_h, kv_stride_b, kv_stride_n, GROUP
+        )
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
-        tile_offs = offs_n.to(tl.int64)[:, None] * row_stride + offs_d[None, :]
+        tile_offs = offs_n.to(tl.int64)[:, None] * kv_row_stride + offs_d[None, :]
         row_offs = offs_m.to(tl.int64)[:, None] * row_stride + offs_d[None, :]
         row_mask = (offs_m[:, None] < rows) & (offs_d[None, :] < HEAD_DIM)
-        k_src = row_source(K + base, rows, row_stride, BLOCK_N, HEAD_DIM, USE_TMA)
-        v_src = row_source(V + base, rows, row_stride, BLOCK_N, HEAD_DIM, USE_TMA)
+        k_src = row_source(K + kv_base, rows, kv_row_stride, BLOCK_N, HEAD_DIM, USE_TMA)
+        v_src = row_source(V + kv_base, rows, kv_row_stride, BLOCK_N, HEAD_DIM, USE_TMA)
         q = tl.load(Q + base + row_offs, mask=row_mask, other=0.0)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -157,7 +165,7 @@ def _fwd_kernel(
                 offs_d,
                 start_n,
                 rows,
-                row_stride,
+                kv_row_stride,
                 qk_scale,
                 HEAD_DIM,
                 HEAD_DIM_PAD,
@@ -180,7 +188,7 @@ def _fwd_kernel(
                 offs_d,
                 start_n,
                 rows,
-                row_stride,
+                kv_row_stride,
                 qk_scale,
                 HEAD_DIM,
                 HEAD_DIM_PAD,
@@ -212,7 +220,7 @@ def _fwd_kernel(
 
 _fwd_tuned = triton.autotune(
     configs=configs_for("forward"),
-    key=["HEAD_DIM_PAD", "CAUSAL", "tune_class", "USE_TMA"],
+    key=["HEAD_DIM_PAD", "GROUP", "CAUSAL", "tune_class", "USE_TMA"],
     prune_configs_by={"early_config_prune": pruner("forward")},
 )(_fwd_kernel)
 
@@ -231,8 +239,9 @@ def forward_launch(
 ) -> None:
     """Run one pattern and merge it into ``out`` ``(b, n, h, d)`` and ``lse`` ``(b, n, h)`` float32.
 
-    All tensors contiguous; ``out`` has the inputs' dtype. ``variant`` (for measurements) overrides
-    ``USE_TMA`` and, with ``config=(BLOCK_M, BLOCK_N, warps, stages)``, launches that tile untuned.
+    ``q`` ``(b, n, h, d)``, ``k``/``v`` ``(b, n, h_kv, d)`` with ``h_kv`` dividing ``h``; all tensors
+    contiguous; ``out`` has the inputs' dtype. ``variant`` (for measurements) overrides ``USE_TMA``
+    and, with ``config=(BLOCK_M, BLOCK_N, warps, stages)``, launches that tile untuned.
     """
     variant = dict(variant or {})
     tma = variant.pop("USE_TMA", None)
@@ -264,6 +273,8 @@ def forward_launch(
         q.stride(0),
         q.stride(1),
         q.stride(2),
+        k.stride(0),
+        k.stride(1),
         lse.stride(0),
         lse.stride(1),
         n,
@@ -277,6 +288,7 @@ def forward_launch(
         tuning_class(b, n, h),
         HEAD_DIM=d,
         HEAD_DIM_PAD=head_dim_pad(d),
+        GROUP=h // k.shape[2],
         CAUSAL=causal,
         ACCUMULATE=launch.accumulate,
         DOT_PRECISION=dot_precision(q.dtype),

@@ -2,7 +2,8 @@
 
 Every kernel runs on a 1-D grid of ``batch * heads * segments * blocks`` programs, one per tile of
 ``BLOCK_M`` dilated rows of one (batch, head, segment). Dilated row ``m`` of head ``j`` in segment
-``s`` is position ``s*W + j % r + m*r``.
+``s`` is position ``s*W + j % r + m*r``. With grouped-query attention (``GROUP = h / h_kv > 1``) query
+head ``j`` reads those positions of K/V head ``j // GROUP``.
 """
 
 import triton
@@ -36,6 +37,26 @@ def row_geometry(seg, head, seq_len, segment, dilation):
     # seg_len - offset > -dilation, so the ceiling division never goes negative.
     rows = (seg_len - offset + dilation - 1) // dilation
     return seg_start + offset, rows
+
+
+@triton.jit
+def kv_rows(
+    base, row_stride, batch, head, first, dilation, stride_h, kv_stride_b, kv_stride_n, GROUP: tl.constexpr
+):
+    """Base offset and row stride of the K/V rows that query head ``head`` reads from ``first`` on.
+
+    ``base``/``row_stride`` are the query's; with ``GROUP == 1`` K/V share Q's layout and they are
+    returned as they are, so kernels without grouped heads compute nothing more.
+    """
+    if GROUP == 1:
+        return base, row_stride
+    else:
+        kv_base = (
+            batch.to(tl.int64) * kv_stride_b
+            + first.to(tl.int64) * kv_stride_n
+            + (head // GROUP).to(tl.int64) * stride_h
+        )
+        return kv_base, dilation.to(tl.int64) * kv_stride_n
 
 
 @triton.jit

@@ -15,11 +15,13 @@ from dilated_attn.pattern import DilationPattern, jobs_for
 
 @dataclass(frozen=True)
 class Launch:
-    """One pattern on a contiguous range of heads.
+    """One pattern on a contiguous range of query heads.
 
     ``segment``: effective segment length ``W = min(w, n)``; ``dilation``: ``r``; heads
     ``head0 .. head0 + num_heads - 1`` (offset ``j % r``); ``accumulate``: merge into rows written by
-    an earlier launch (False for the first launch touching these heads).
+    an earlier launch (False for the first launch touching these heads); ``kv_accumulate``: the same
+    for the K/V heads they read (dK, dV), which differs from ``accumulate`` only when a group of query
+    heads sharing a K/V head spans two launches (grouped-query attention in ``head_groups`` mode).
     """
 
     segment: int
@@ -27,6 +29,7 @@ class Launch:
     head0: int
     num_heads: int
     accumulate: bool
+    kv_accumulate: bool
 
     def num_segments(self, n: int) -> int:
         return -(-n // self.segment)
@@ -41,11 +44,12 @@ class LaunchPlan:
     """Launches in order, and whether the outputs must start zeroed (``-inf`` LSE).
 
     Outputs need no initialisation when the first launch on every head has ``r == 1``: it writes every
-    row of those heads before anything reads them.
+    row of those heads before anything reads them. ``kv_needs_init``: the same for dK, dV (per K/V head).
     """
 
     launches: tuple[Launch, ...]
     needs_init: bool
+    kv_needs_init: bool
 
 
 def plan_launches(
@@ -54,9 +58,12 @@ def plan_launches(
     segment_lengths: Sequence[int],
     dilation_rates: Sequence[int],
     mode: str,
+    num_kv_heads: int | None = None,
 ) -> LaunchPlan:
-    """Launches for a ``(b, n, num_heads, d)`` problem; patterns with ``r == 1`` go first."""
-    key = (n, num_heads, tuple(segment_lengths), tuple(dilation_rates), mode)
+    """Launches for ``(b, n, num_heads, d)`` queries and ``(b, n, num_kv_heads, d)`` keys and values
+    (default ``num_heads``); patterns with ``r == 1`` go first."""
+    kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    key = (n, num_heads, tuple(segment_lengths), tuple(dilation_rates), mode, kv_heads)
     return _LAUNCH_PLANS.get_or_build(
         key, lambda: _plan(*key), nbytes=lambda plan: 128 * (1 + len(plan.launches))
     )
@@ -66,8 +73,16 @@ _LAUNCH_PLANS = metadata_cache("core.launch_plans")
 
 
 def _plan(
-    n: int, num_heads: int, segment_lengths: tuple[int, ...], dilation_rates: tuple[int, ...], mode: str
+    n: int,
+    num_heads: int,
+    segment_lengths: tuple[int, ...],
+    dilation_rates: tuple[int, ...],
+    mode: str,
+    num_kv_heads: int,
 ) -> LaunchPlan:
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
+    group = num_heads // num_kv_heads
     # The LSE merge is commutative; starting each head with an r == 1 pattern lets its first launch
     # overwrite uninitialised memory instead of merging into a zeroed buffer.
     jobs = sorted(
@@ -76,7 +91,8 @@ def _plan(
     )
     launches = []
     touched: set[int] = set()
-    needs_init = False
+    kv_touched: set[int] = set()
+    needs_init = kv_needs_init = False
     for job in jobs:
         head0 = job.heads[0]
         if job.heads != tuple(range(head0, head0 + len(job.heads))):
@@ -89,5 +105,21 @@ def _plan(
         if fresh and job.dilation != 1:
             needs_init = True
         touched.update(job.heads)
-        launches.append(Launch(job.segment, job.dilation, head0, len(job.heads), accumulate=not fresh))
-    return LaunchPlan(tuple(launches), needs_init)
+        # A K/V head is written by its first launch and merged into by later ones. When a launch
+        # reaches both fresh and written K/V heads it merges into all of them, from zeros.
+        kv_heads = {j // group for j in job.heads}
+        kv_fresh = kv_touched.isdisjoint(kv_heads)
+        if (kv_fresh and job.dilation != 1) or not (kv_fresh or kv_touched.issuperset(kv_heads)):
+            kv_needs_init = True
+        kv_touched.update(kv_heads)
+        launches.append(
+            Launch(
+                job.segment,
+                job.dilation,
+                head0,
+                len(job.heads),
+                accumulate=not fresh,
+                kv_accumulate=not kv_fresh,
+            )
+        )
+    return LaunchPlan(tuple(launches), needs_init, kv_needs_init)

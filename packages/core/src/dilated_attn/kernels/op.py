@@ -45,10 +45,11 @@ def triton_fwd(
     causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dilated attention of ``(b, n, h, d)`` inputs: ``out`` (input dtype) and ``lse`` ``(b, n, h)`` float32."""
+    """Dilated attention of ``q`` ``(b, n, h, d)`` and ``k``, ``v`` ``(b, n, h_kv, d)`` (``h_kv``
+    dividing ``h``): ``out`` (input dtype) and ``lse`` ``(b, n, h)`` float32."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     _, n, h, _ = q.shape
-    plan = plan_launches(n, h, segment_lengths, dilation_rates, mode)
+    plan = plan_launches(n, h, segment_lengths, dilation_rates, mode, k.shape[2])
     out, lse = _new_outputs(q, plan.needs_init)
     with _device_guard(q):
         for launch in plan.launches:
@@ -79,12 +80,14 @@ def triton_bwd(
     causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients ``(dq, dk, dv)`` (input dtype) from the merged ``out`` and ``lse`` of the forward."""
+    """Gradients ``(dq, dk, dv)`` (input dtype, shaped like ``q, k, v``) from the merged ``out`` and
+    ``lse`` of the forward."""
     dout, q, k, v, out, lse = (t.contiguous() for t in (dout, q, k, v, out, lse))
     _, n, h, _ = q.shape
-    plan = plan_launches(n, h, segment_lengths, dilation_rates, mode)
+    plan = plan_launches(n, h, segment_lengths, dilation_rates, mode, k.shape[2])
     make = torch.zeros_like if plan.needs_init else torch.empty_like
-    dq, dk, dv = make(q), make(k), make(v)
+    make_kv = torch.zeros_like if plan.kv_needs_init else torch.empty_like
+    dq, dk, dv = make(q), make_kv(k), make_kv(v)
     with _device_guard(q):
         delta = compute_delta(out, dout, None if dlse is None else dlse.contiguous())
         for launch in plan.launches:
