@@ -81,16 +81,20 @@ def test_functional_forwards_pattern_and_ignores_segments(registered):
 
 def test_missing_pattern_is_refused(registered):
     q = torch.randn(1, 16, 2, 8)
-    with pytest.raises(ValueError, match=r"backend='block_sparse' requires the keyword argument pattern"):
+    with pytest.raises(
+        ValueError,
+        match=r"backend='block_sparse' cannot run these inputs: keyword arguments \['pattern'\] required",
+    ):
         dilated_attention(q, q, q, [8], [1], backend="block_sparse")
-    fn = registered.attention("block_sparse").fn
-    with pytest.raises(ValueError, match=r"requires pattern=\.\.\..*got pattern=None"):
-        fn(q, q, q, [8], [1], mode="longnet", causal=False, scale=None, dropout_p=0.0, return_lse=False)
+    with pytest.raises(ValueError, match=r"keyword arguments \['pattern'\] required"):
+        dilated_attention(q, q, q, [8], [1], backend="block_sparse", pattern=None)
 
 
 def test_dropout_is_refused(registered):
     q = torch.randn(1, 16, 2, 8)
-    with pytest.raises(ValueError, match=r"dropout_p=0.1 is not supported by backend='block_sparse'"):
+    with pytest.raises(
+        ValueError, match=r"backend='block_sparse' cannot run these inputs: dropout_p=0.1 not supported"
+    ):
         dilated_attention(q, q, q, [8], [1], dropout_p=0.1, backend="block_sparse", pattern=local_window(2))
 
 

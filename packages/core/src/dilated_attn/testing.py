@@ -46,6 +46,8 @@ class Case:
     dilation_rates: tuple[int, ...]
     mode: str = "longnet"
     causal: bool = False
+    # Grouped-query attention: K/V heads (dividing ``heads``); ``None`` for as many as the queries.
+    kv_heads: int | None = None
 
     @property
     def id(self) -> str:
@@ -53,7 +55,7 @@ class Case:
         r = "-".join(map(str, self.dilation_rates))
         return (
             f"b{self.batch}n{self.seq}h{self.heads}d{self.head_dim}-w{w}-r{r}-{self.mode}"
-            f"{'-causal' if self.causal else ''}"
+            f"{'-causal' if self.causal else ''}{f'-kv{self.kv_heads}' if self.kv_heads else ''}"
         )
 
 
@@ -75,6 +77,10 @@ def _cases() -> list[Case]:
         for mode in ("longnet", "head_groups"):
             for causal in (False, True):
                 cases.append(Case(b, n, h, d, w, r, mode, causal))
+    # Grouped K/V heads: r dividing the group size and not, one K/V head for all.
+    for kv_heads, causal in ((2, False), (1, True)):
+        cases.append(Case(1, 45, 4, 16, (8, 12), (1, 3), "longnet", causal, kv_heads))
+    cases.append(Case(2, 33, 6, 16, (6, 10), (2, 3), "head_groups", True, 3))
     return cases
 
 
@@ -84,7 +90,8 @@ CASES: list[Case] = _cases()
 def _inputs(case: Case, dtype: torch.dtype, device: str, seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     shape = (case.batch, case.seq, case.heads, case.head_dim)
-    return [torch.randn(shape, generator=g).to(device=device, dtype=dtype) for _ in range(3)]
+    kv_shape = (case.batch, case.seq, case.kv_heads or case.heads, case.head_dim)
+    return [torch.randn(s, generator=g).to(device=device, dtype=dtype) for s in (shape, kv_shape, kv_shape)]
 
 
 def _ids(value: Any) -> str:

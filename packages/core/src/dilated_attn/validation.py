@@ -74,14 +74,14 @@ def check_qkv(
             raise TypeError(f"{name}.dtype={t.dtype} must equal q.dtype={q.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name}.device={t.device} must equal q.device={q.device}")
-    if v.shape != k.shape:
-        raise ValueError(f"v.shape={tuple(v.shape)} must equal k.shape={tuple(k.shape)}")
     b, n, h, d = q.shape
     if k.shape[0] != b or k.shape[1] != n or k.shape[3] != d:
         raise ValueError(
-            f"k.shape={tuple(k.shape)} must be (batch, seq, kv_heads, head_dim) with the batch, seq and "
-            f"head_dim of q.shape={tuple(q.shape)}"
+            f"k.shape={tuple(k.shape)} must equal q.shape={tuple(q.shape)} except in the heads "
+            "dimension (grouped-query attention)"
         )
+    if v.shape != k.shape:
+        raise ValueError(f"v.shape={tuple(v.shape)} must equal k.shape={tuple(k.shape)}")
     for dim_name, size in (("batch", b), ("seq", n), ("heads", h), ("head_dim", d)):
         if size < 1:
             raise ValueError(f"q.shape={tuple(q.shape)} has {dim_name}={size}; every dimension must be >= 1")
@@ -151,7 +151,7 @@ def check_scale(scale: object, head_dim: int) -> float:
         raise TypeError(f"scale={scale!r} must be a float or None")
     value = float(scale)
     if not math.isfinite(value) or value <= 0 or value > MAX_SCALE:
-        raise ValueError(f"scale={scale!r} must be a finite number in (0, {MAX_SCALE:g}]")
+        raise ValueError(f"scale={scale!r} must be a finite positive number, at most {MAX_SCALE:g}")
     return value
 
 
