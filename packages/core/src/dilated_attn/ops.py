@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from dilated_attn.block_attention import (
+    all_finite,
     attention_backward,
     attention_forward,
     compute_dtype,
@@ -93,6 +94,7 @@ def dilated_forward(
     else:
         out.zero_()
     lse = torch.full((b, n, h), float("-inf"), dtype=ct, device=q.device)
+    finite = all_finite(q, k, v)
     for index, (job_index, group) in enumerate(_groups(jobs, n, h, q.device)):
         o, l = attention_forward(
             gather(q, group),
@@ -103,6 +105,7 @@ def dilated_forward(
             bias=_padding_bias(key_padding_mask, group, ct),
             dropout_p=dropout_p,
             generator=_generator(dropout_seed, q.device, index),
+            finite=finite,
         )
         o = o.to(ct).view(b, group.count, len(group.heads), group.rows_per_segment, -1)
         l = l.to(ct).view(b, group.count, len(group.heads), group.rows_per_segment)
@@ -144,6 +147,7 @@ def dilated_backward(
     dq = torch.zeros(q.shape, dtype=ct, device=q.device)
     dk = torch.zeros(k.shape, dtype=ct, device=q.device)
     dv = torch.zeros(v.shape, dtype=ct, device=q.device)
+    finite = all_finite(dout, q, k, v)
     for index, (_, group) in enumerate(_groups(jobs, n, h, q.device)):
         shape = (b * group.count, len(group.heads), group.rows_per_segment)
         gq, gk, gv = attention_backward(
@@ -159,6 +163,7 @@ def dilated_backward(
             dlse=None if dlse is None else segment_view(dlse, group)[:, :, group.flat].reshape(shape),
             dropout_p=dropout_p,
             generator=_generator(dropout_seed, q.device, index),
+            finite=finite,
         )
         for acc, grad in ((dq, gq), (dk, gk), (dv, gv)):
             rows = segment_view(acc, group)

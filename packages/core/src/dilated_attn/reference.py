@@ -137,13 +137,22 @@ def dilated_attention_reference(
     if key_padding_mask is not None:
         bias = bias.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
     q64, k64, v64 = (t.to(torch.float64).transpose(1, 2) for t in (q, k, v))  # (b, h, n, d)
-    scores = scale * (q64 @ k64.transpose(-1, -2)) + bias
-    empty = torch.isneginf(bias).all(dim=-1, keepdim=True).expand_as(scores)
+    forbidden = torch.isneginf(bias)
+    # Forbidden pairs are -inf whatever q and k hold, so a NaN reaches only the rows that attend to it.
+    scores = torch.where(forbidden, float("-inf"), scale * (q64 @ k64.transpose(-1, -2)) + bias)
+    empty = forbidden.all(dim=-1, keepdim=True).expand_as(scores)
     # Empty rows take a finite stand-in so that neither the value nor the gradient becomes NaN.
     safe = torch.where(empty, torch.zeros_like(scores), scores)
     lse = torch.logsumexp(safe, dim=-1, keepdim=True)
     probs = torch.where(empty, torch.zeros_like(scores), torch.exp(safe - lse))
-    out = (probs @ v64).transpose(1, 2)
+    bad_v = ~torch.isfinite(v64)
+    if bad_v.any():
+        # 0 * NaN is NaN: the rows that do not attend to a non-finite value take the product with
+        # zeros in its place (the rows that do keep the real one, and its gradient).
+        reached = ((~forbidden).to(torch.float64) @ bad_v.to(torch.float64)) > 0
+        out = torch.where(reached, probs @ v64, probs @ v64.masked_fill(bad_v, 0.0)).transpose(1, 2)
+    else:
+        out = (probs @ v64).transpose(1, 2)
     if not return_lse:
         return out
     lse = torch.where(empty[..., :1], torch.full_like(lse, float("-inf")), lse)
