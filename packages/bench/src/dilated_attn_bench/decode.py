@@ -115,7 +115,7 @@ def measure_decode(
                 graph_us = _time_us(replay, device, repeats)
             dense_bytes = 2 * context * heads * head_dim * dtype.itemsize
             dense_us = None
-            if device.type == "cuda" and 2.2 * batch * dense_bytes < torch.cuda.mem_get_info(device)[0]:
+            if device.type == "cuda" and 1.1 * batch * dense_bytes < torch.cuda.mem_get_info(device)[0]:
                 kd = torch.randn(batch, heads, context, head_dim, device=device, dtype=dtype)
                 vd = torch.randn_like(kd)
                 qd = q.transpose(1, 2)
