@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dilated_attn.cache import metadata_cache
-from dilated_attn.pattern import DilationPattern, jobs_for
+from dilated_attn.pattern import DilationPattern, PatternJob, jobs_for
 
 
 @dataclass(frozen=True)
@@ -68,12 +68,18 @@ _LAUNCH_PLANS = metadata_cache("core.launch_plans")
 def _plan(
     n: int, num_heads: int, segment_lengths: tuple[int, ...], dilation_rates: tuple[int, ...], mode: str
 ) -> LaunchPlan:
+    return plan_jobs(jobs_for(DilationPattern.trusted(segment_lengths, dilation_rates), n, num_heads, mode))
+
+
+def plan_jobs(jobs: Sequence[PatternJob]) -> LaunchPlan:
+    """Launches for ``jobs`` (each a contiguous head range); patterns with ``r == 1`` go first.
+
+    ``needs_init`` here says nothing about heads no job covers: a caller running a subset of the
+    heads must start those zeroed itself.
+    """
     # The LSE merge is commutative; starting each head with an r == 1 pattern lets its first launch
     # overwrite uninitialised memory instead of merging into a zeroed buffer.
-    jobs = sorted(
-        jobs_for(DilationPattern.trusted(segment_lengths, dilation_rates), n, num_heads, mode),
-        key=lambda job: job.dilation != 1,
-    )
+    jobs = sorted(jobs, key=lambda job: job.dilation != 1)
     launches = []
     touched: set[int] = set()
     needs_init = False
