@@ -3,10 +3,10 @@
 Launched ``world`` times by ``test_ring_distributed.py`` (``RANK``/``WORLD_SIZE`` in the
 environment, a file store for the rendezvous, the suite named on the command line: "oracle", every
 geometry plus the error, module and mesh cases; "fused", with ``TRITON_INTERPRET=1`` so the local runs
-take the fused kernels; "worlds", a few cases at world sizes 2 to 8). Every rank builds the same global inputs from the
-case's seed and passes its chunk; global rank 0 gathers the chunks, runs the float64 oracle on the
-whole sequence (forward and all three gradients, with a gradient flowing into ``lse`` too) and
-writes the relative errors of every case to a JSON file.
+take the fused kernels; "worlds", a few cases at world sizes 2 to 8). Every rank builds the same
+global inputs from the case's seed and passes its chunk; global rank 0 gathers the chunks, runs the
+float64 oracle on the whole sequence (forward and all three gradients, with a gradient flowing into
+``lse`` too) and writes the relative errors of every case to a JSON file.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ ERROR_CASES: dict[str, tuple[str, tuple[str, ...]]] = {
     # Rejected by one rank's own checks: every rank must raise that rank's error.
     "rate-exceeds-segment": ("ValueError", ("rank {last} of", "dilation_rates")),
     "qkv-dtypes-differ": ("TypeError", ("rank {last} of", "v.dtype=torch.float32 must equal q.dtype")),
-    "shape-wrong": ("ValueError", ("rank {last} of", "k.shape=(1, 3, 3, 8) must equal q.shape")),
+    "shape-wrong": ("ValueError", ("rank {last} of", "v.shape=(1, 4, 3, 8) must equal k.shape=(1, 3, 3, 8)")),
     "tensor-rank-wrong": ("ValueError", ("rank {last} of", "it must have rank 4")),
     "causal-not-bool": ("TypeError", ("rank {last} of", "causal='yes' must be a bool")),
     "scale-nan-on-rank-0": ("ValueError", ("rank 0 of", "scale=nan must be a finite number")),
@@ -229,7 +229,8 @@ class FusedCalls:
             self.backward += 1
             return backward(*args, **kwargs)
 
-        jobs.fused_forward, jobs.fused_backward = counted_forward, counted_backward  # type: ignore[assignment]
+        jobs.fused_forward = counted_forward  # type: ignore[assignment]
+        jobs.fused_backward = counted_backward  # type: ignore[assignment]
 
 
 def _oracle_errors(name: str, case: Case, parts: list[Any], layout: list[list[int]]) -> dict[str, Any]:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from dilated_attn.models import LongNetLM
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -91,6 +92,17 @@ def chunk_loss(
     return loss / targets.shape[0] / (tokens.shape[1] - 1)
 
 
+def full_gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's whole gradient, on the CPU (FSDP2 holds them as DTensors sharded over ranks)."""
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            raise RuntimeError(f"parameter {name} received no gradient")
+        grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        grads[name] = grad.detach().cpu()
+    return grads
+
+
 def _meshes(args: argparse.Namespace, world: int) -> tuple[DeviceMesh, DeviceMesh]:
     if args.dp < 1 or world % args.dp:
         raise SystemExit(f"error: --dp {args.dp} must divide the world size {world}")
@@ -137,8 +149,7 @@ def train(args: argparse.Namespace) -> list[float]:
         dist.all_reduce(total)
         losses.append(total.item() / args.dp)
         if args.report:
-            full = {name: p.grad.full_tensor().cpu() for name, p in model.named_parameters()}  # type: ignore[union-attr]
-            grads.append(full)
+            grads.append(full_gradients(model))
         optimizer.step()
         optimizer.zero_grad()
         if rank == 0:
