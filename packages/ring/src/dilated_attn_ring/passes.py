@@ -2,11 +2,12 @@
 
 Forward: interior segments go through the core's ``local_forward``: the fused Triton kernels on
 CUDA (strided loads, patterns merged in place, no gathered copies), the gather path where the kernels
-cannot run. They need no communication. Each piece attends to itself (causal when asked), then to the
-pieces of the same segment that arrive step by step, the next step's transfer in flight while the
-current one computes; per-piece results merge by LSE, and the pieces merge into the local result by
-LSE. Besides its own pieces, a rank holds the remote pieces of at most two steps (the one computing,
-the one in flight), whatever the world size: a step's received pieces are freed once it has run.
+cannot run. They need no communication, so the first step's transfer is posted before they run.
+Each piece attends to itself (causal when asked), then to the pieces of the same segment that arrive
+step by step, the next step's transfer in flight while the current one computes; per-piece results
+merge by LSE, and the pieces merge into the local result by LSE. Besides its own pieces, a rank
+holds the remote pieces of at most two steps (the one computing, the one in flight), whatever the
+world size: a step's received pieces are freed once it has run.
 
 Backward: the local runs go through ``local_backward`` and every piece block through
 ``attention_backward``, all with the *merged* output and LSE of their rows, so gradients stay exact
@@ -128,13 +129,14 @@ def ring_forward(
     Contiguous ``(b, m, h, d)`` inputs; results in float32 (float64 for float64 inputs), ``out`` in the
     input dtype when one local run covers the chunk (nothing is merged into it).
     """
-    out, lse = _local_forward(q, k, v, plan, causal, scale)
-    if not plan.pieces:
-        return out, lse
     b, _, h, d = q.shape
     indices = [block_indices(piece, h, q.device) for piece in plan.pieces]
     own_kv = [pack_kv(k, v, piece, idx) for piece, idx in zip(plan.pieces, indices)]
+    # The first transfer is in flight while the local segments run: they need no communication.
     pending = _post_kv(info, plan.steps[0], own_kv, b, d) if plan.steps else None
+    out, lse = _local_forward(q, k, v, plan, causal, scale)
+    if not plan.pieces:
+        return out, lse
 
     own_q = [_blocks(q, piece, idx) for piece, idx in zip(plan.pieces, indices)]
     acc: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
@@ -291,14 +293,14 @@ def ring_backward(
     Every rank of the group must call it (the transfers are collective); results in float32
     (float64 for float64 inputs), or in the input dtype when one local run covers the chunk.
     """
-    dq, dk, dv = _local_backward(dout, q, k, v, out, lse, dlse, plan, causal, scale)
-    if not plan.pieces:
-        return dq, dk, dv
     b, _, h, d = q.shape
-    ct = dq.dtype
     indices = [block_indices(piece, h, q.device) for piece in plan.pieces]
     own_kv = [pack_kv(k, v, piece, idx) for piece, idx in zip(plan.pieces, indices)]
     pending = _post_kv(info, plan.steps[0], own_kv, b, d) if plan.steps else None
+    dq, dk, dv = _local_backward(dout, q, k, v, out, lse, dlse, plan, causal, scale)
+    if not plan.pieces:
+        return dq, dk, dv
+    ct = dq.dtype
 
     queries = [
         [
