@@ -1,9 +1,9 @@
 """``examples/train_longnet.py`` on gloo processes equals the same steps in one process.
 
 The example trains a ``LongNetLM`` with the sequence split across the ``sp`` ranks (attention through
-the ring) and FSDP2 over all ranks; here it runs a few float64 steps at toy size, and each step's
-loss and full parameter gradients must match one process training on the whole sequences with the
-float64 oracle as attention.
+the ring) and FSDP2 over all ranks; here it runs a few steps at toy size (float64, and float32,
+where FSDP2 would use a pre-multiplied sum that gloo lacks), and each step's loss and full parameter
+gradients must match one process training on the whole sequences with the oracle as attention.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ TIMEOUT_S = 300
 # Segments of 8 cross the 12-token chunk edge and the 24-token one spans both sp ranks, so the ring
 # exchanges pieces as well as running local segments.
 TOY = [
-    "--device", "cpu", "--dtype", "float64", "--seq-len", "24", "--vocab", "17", "--embed-dim", "16",
+    "--device", "cpu", "--seq-len", "24", "--vocab", "17", "--embed-dim", "16",
     "--layers", "2", "--heads", "2", "--segment-lengths", "4", "8", "24", "--dilation-rates", "1", "2", "3",
     "--steps", "3", "--lr", "0.01",
 ]  # fmt: skip
@@ -105,17 +105,21 @@ def _one_process(example: ModuleType, argv: list[str]) -> tuple[list[float], lis
     return losses, grads
 
 
-@pytest.mark.parametrize(("world", "dp", "batch"), [(2, 1, 2), (4, 2, 1)], ids=["sp2", "dp2xsp2"])
+@pytest.mark.parametrize(
+    ("world", "dp", "batch", "dtype"),
+    [(2, 1, 2, "float64"), (4, 2, 1, "float64"), (4, 2, 1, "float32")],
+    ids=["sp2", "dp2xsp2", "dp2xsp2-float32"],
+)
 def test_sequence_parallel_fsdp_training_equals_one_process(
-    tmp_path: Path, world: int, dp: int, batch: int
+    tmp_path: Path, world: int, dp: int, batch: int, dtype: str
 ) -> None:
     report = tmp_path / "report.pt"
-    argv = [*TOY, "--dp", str(dp), "--batch", str(batch), "--report", str(report)]
+    argv = [*TOY, "--dtype", dtype, "--dp", str(dp), "--batch", str(batch), "--report", str(report)]
     logs = _launch(world, argv)
     assert "step 2: loss" in logs[0]
     got = torch.load(report)
     losses, grads = _one_process(_example(), argv)
-    fwd_tol, grad_tol = TOLERANCES[torch.float64]
+    fwd_tol, grad_tol = TOLERANCES[getattr(torch, dtype)]
     assert len(got["loss"]) == len(losses) == 3
     for step, (a, b) in enumerate(zip(got["loss"], losses)):
         assert abs(a - b) <= fwd_tol * abs(b), f"step {step}: loss {a!r} != {b!r}"
@@ -136,7 +140,7 @@ def test_example_refuses_a_dp_that_does_not_divide_the_world(tmp_path: Path) -> 
     env = dict(os.environ, WORLD_SIZE="1", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLE), *TOY, "--dp", "2"],
+        [sys.executable, str(EXAMPLE), *TOY, "--dtype", "float64", "--dp", "2"],
         env=env,
         capture_output=True,
         text=True,

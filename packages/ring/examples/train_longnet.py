@@ -135,6 +135,9 @@ def train(args: argparse.Namespace) -> list[float]:
         if isinstance(module, FSDPModule):
             # Sum over the sp ranks (each holds part of a replica's loss), mean over the replicas.
             module.set_gradient_divide_factor(float(args.dp))
+            if args.device == "cpu":
+                # Gloo has no pre-multiplied sum: reduce with a plain sum, then divide.
+                module.set_force_sum_reduction_for_comms(True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
 
     chunk = args.seq_len // sp
