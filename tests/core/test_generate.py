@@ -73,3 +73,32 @@ def test_module_refuses_a_mismatched_cache():
         attn(torch.zeros(1, 2, 16), is_causal=True, cache=other)
     with pytest.raises(ValueError, match="is_causal"):
         attn(torch.zeros(1, 2, 16), cache=other)
+
+
+@pytest.mark.parametrize("offset", [16, 32])
+def test_position_offset_places_a_chunk_in_the_sequence(offset):
+    """Every segment (w <= 16) lies inside the chunk at a multiple of 16, so the chunk attends only to
+    itself: its logits equal the full sequence's rows exactly when its positions start at the offset."""
+    model = _model(seed=4)
+    tokens = torch.randint(0, 37, (2, 48), generator=torch.Generator().manual_seed(5))
+    full = model(tokens)
+    chunk = tokens[:, offset : offset + 16]
+    got = model(chunk, position_offset=offset)
+    assert relative_error(got, full[:, offset : offset + 16]) <= TOLERANCES[torch.float64][0]
+    # Without the offset the chunk sits at positions 0..15 and its logits differ.
+    assert relative_error(model(chunk), full[:, offset : offset + 16]) > 1e-3
+
+
+def test_position_offset_argument_checks():
+    model = _model()
+    tokens = torch.zeros(1, 4, dtype=torch.int64)
+    with pytest.raises(TypeError, match=r"position_offset=2.0 must be an int \(got float\)"):
+        model(tokens, position_offset=2.0)
+    with pytest.raises(TypeError, match="position_offset=True must be an int"):
+        model(tokens, position_offset=True)
+    with pytest.raises(ValueError, match="position_offset=-1 must be >= 0"):
+        model(tokens, position_offset=-1)
+    with pytest.raises(ValueError, match="position_offset=4 cannot be combined with cache="):
+        model(tokens, model.new_cache(1), position_offset=4)
+    # Zero is the default, accepted with a cache.
+    assert model(tokens, model.new_cache(1), position_offset=0).shape == (1, 4, 37)

@@ -1,10 +1,12 @@
-"""One rank of the distributed ring tests: runs every case for its world size over gloo.
+"""One rank of the distributed ring tests: runs every case of a suite for its world size over gloo.
 
 Launched ``world`` times by ``test_ring_distributed.py`` (``RANK``/``WORLD_SIZE`` in the
-environment, a file store for the rendezvous). Every rank builds the same global inputs from the
-case's seed and passes its chunk; global rank 0 gathers the chunks, runs the float64 oracle on the
-whole sequence (forward and all three gradients, with a gradient flowing into ``lse`` too) and
-writes the relative errors of every case to a JSON file.
+environment, a file store for the rendezvous, the suite named on the command line: "oracle", every
+geometry plus the error, module and mesh cases; "fused", with ``TRITON_INTERPRET=1`` so the local runs
+take the fused kernels; "worlds", a few cases at world sizes 2 to 8). Every rank builds the same
+global inputs from the case's seed and passes its chunk; global rank 0 gathers the chunks, runs the
+float64 oracle on the whole sequence (forward and all three gradients, with a gradient flowing into
+``lse`` too) and writes the relative errors of every case to a JSON file.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ GEOMETRIES: dict[str, tuple[int, tuple[int, ...], tuple[int, ...], int]] = {
     "sparse-heads": (5, (16, 40), (8, 5), 5),
     # The same pattern twice: keys reached by both count twice.
     "repeated": (6, (8, 8, 3), (2, 2, 1), 2),
+    # A local pattern over the whole chunk, and one whose segments span two ranks merged into it.
+    "spanning": (8, (4, 16), (1, 2), 2),
 }
 
 VARIANTS = [(mode, causal) for mode in ("longnet", "head_groups") for causal in (False, True)]
@@ -87,6 +91,44 @@ def cases(world: int) -> dict[str, Case]:
     return out
 
 
+# Cases of the "fused" suite, run with TRITON_INTERPRET=1 so that the local runs take the fused
+# kernels on CPU tensors (float32, head_dim 16): geometries with local runs over the whole chunk,
+# partial runs next to pieces, and a pattern whose segments span ranks next to a local one.
+FUSED_GEOMETRIES = ("dividing", "unaligned", "spanning", "whole")
+
+
+def fused_cases(world: int) -> dict[str, Case]:
+    """Every case of the "fused" suite (the same at every world size)."""
+    out: dict[str, Case] = {}
+    for geometry in FUSED_GEOMETRIES:
+        m, w, r, h = GEOMETRIES[geometry]
+        for mode, causal in VARIANTS:
+            batch = 2 if geometry in ("unaligned", "spanning") else 1
+            out[_name(geometry, mode, causal)] = Case(m, w, r, h, mode, causal, "float32", batch, head_dim=16)
+    return out
+
+
+# Cases of the "worlds" suite, run at world sizes 2, 3, 4 and 8: longnet-1m's shape at toy size
+# (every w divides n_local), the same with a whole-sequence pattern added, and unaligned segments.
+def world_cases(world: int) -> dict[str, Case]:
+    """Every case of the "worlds" suite."""
+    geometries = {
+        "longnet-like": (16, (4, 8, 16), (1, 2, 4), 4),
+        "longnet-like-whole": (16, (4, 8, 16, 1 << 20), (1, 2, 4, 8), 4),
+        "unaligned": (7, (5, 12), (1, 3), 3),
+    }
+    out: dict[str, Case] = {}
+    for geometry, (m, w, r, h) in geometries.items():
+        for causal in (False, True):
+            out[_name(geometry, "longnet", causal)] = Case(m, w, r, h, "longnet", causal)
+    m, w, r, h = geometries["longnet-like-whole"]
+    out[_name("longnet-like-whole", "head_groups", True)] = Case(m, w, r, h, "head_groups", True)
+    return out
+
+
+SUITES = {"oracle": cases, "fused": fused_cases, "worlds": world_cases}
+
+
 # name -> (the class every rank must raise, substrings of the one message every rank raises).
 # "last" below is the last rank of the group; the others pass valid, matching arguments.
 ERROR_CASES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -98,10 +140,10 @@ ERROR_CASES: dict[str, tuple[str, tuple[str, ...]]] = {
     # Rejected by one rank's own checks: every rank must raise that rank's error.
     "rate-exceeds-segment": ("ValueError", ("rank {last} of", "dilation_rates")),
     "qkv-dtypes-differ": ("TypeError", ("rank {last} of", "v.dtype=torch.float32 must equal q.dtype")),
-    "shape-wrong": ("ValueError", ("rank {last} of", "k.shape=(1, 3, 3, 8) must equal q.shape")),
+    "shape-wrong": ("ValueError", ("rank {last} of", "v.shape=(1, 4, 3, 8) must equal k.shape=(1, 3, 3, 8)")),
     "tensor-rank-wrong": ("ValueError", ("rank {last} of", "it must have rank 4")),
     "causal-not-bool": ("TypeError", ("rank {last} of", "causal='yes' must be a bool")),
-    "scale-nan-on-rank-0": ("ValueError", ("rank 0 of", "scale=nan must be a finite positive number")),
+    "scale-nan-on-rank-0": ("ValueError", ("rank 0 of", "scale=nan must be a finite number")),
     # Two ranks fail differently: one error naming both, a ValueError as the kinds differ.
     "two-ranks-fail": ("ValueError", ("ranks 0, {last} of", "rank 0: ", "mode=", "rank {last}: ", "v.dtype")),
 }
@@ -157,7 +199,38 @@ def _run_case(name: str, case: Case, groups: dict[str, list[tuple[list[int], Any
     _loss(out, lse, dout[:, rows], dlse[:, rows]).backward()
     grads = [t.grad for t in (q, k, v)]
     assert all(g is not None for g in grads), "every input must receive a gradient"
-    return index, position, [out.detach(), lse.detach(), *grads]
+    return index, position, [out.detach(), lse.detach(), *grads], _local_runs(case, len(members), position)
+
+
+def _local_runs(case: Case, world: int, rank: int) -> int:
+    """Local runs in the plan of ``rank`` of ``world`` for ``case``."""
+    from dilated_attn.pattern import DilationPattern, jobs_for
+    from dilated_attn_ring.plan import build_rank_plan
+
+    pattern = DilationPattern(case.segment_lengths, case.dilation_rates)
+    jobs = jobs_for(pattern, world * case.n_local, case.heads, case.mode)
+    return len(build_rank_plan(jobs, case.n_local, world, rank, case.causal).local)
+
+
+class FusedCalls:
+    """Counts the calls of the fused kernels' job entry points (one per local run and pass)."""
+
+    def __init__(self) -> None:
+        from dilated_attn.kernels import jobs
+
+        self.forward = self.backward = 0
+        forward, backward = jobs.fused_forward, jobs.fused_backward
+
+        def counted_forward(*args: Any, **kwargs: Any) -> Any:
+            self.forward += 1
+            return forward(*args, **kwargs)
+
+        def counted_backward(*args: Any, **kwargs: Any) -> Any:
+            self.backward += 1
+            return backward(*args, **kwargs)
+
+        jobs.fused_forward = counted_forward  # type: ignore[assignment]
+        jobs.fused_backward = counted_backward  # type: ignore[assignment]
 
 
 def _oracle_errors(name: str, case: Case, parts: list[Any], layout: list[list[int]]) -> dict[str, Any]:
@@ -366,7 +439,7 @@ def _run_mesh_cases() -> dict[str, Any]:
 
 
 def main() -> None:
-    store, out_path = sys.argv[1], sys.argv[2]
+    store, out_path, suite = sys.argv[1], sys.argv[2], sys.argv[3]
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -384,22 +457,34 @@ def main() -> None:
         layout = _group_layout(kind, world)
         groups[kind] = [(members, dist.new_group(members)) for members in layout]
 
+    calls = FusedCalls() if suite == "fused" else None
     results: dict[str, Any] = {}
-    for name, case in cases(world).items():
+    for name, case in SUITES[suite](world).items():
+        before = (calls.forward, calls.backward) if calls else (0, 0)
         try:
             part = _run_case(name, case, groups)
             failure = ""
         except Exception:  # reported per case; the others still run
             part, failure = None, traceback.format_exc()
+        fused = (calls.forward - before[0], calls.backward - before[1]) if calls else (0, 0)
         gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, (part, failure))
+        dist.all_gather_object(gathered, (part, failure, fused))
         if rank == 0:
-            failures = [f for _, f in gathered if f]
+            failures = [f for _, f, _ in gathered if f]
             if failures:
                 results[name] = {"failure": failures[0]}
             else:
+                parts = [p for p, _, _ in gathered]
                 layout = _group_layout(case.groups, world)
-                results[name] = _oracle_errors(name, case, [p for p, _ in gathered], layout)
+                results[name] = _oracle_errors(name, case, parts, layout)
+                results[name]["fused_calls"] = [sum(g[2][i] for g in gathered) for i in range(2)]
+                results[name]["local_runs"] = sum(p[3] for p in parts)
+    if suite != "oracle":
+        if rank == 0:
+            with open(out_path, "w") as f:
+                json.dump(results, f, indent=1)
+        dist.destroy_process_group()
+        return
 
     # A short timeout: a rank left waiting for one that gave up fails in seconds with a timeout
     # error (not the ValueError the test wants) instead of hanging the launch.

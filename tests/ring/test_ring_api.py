@@ -56,15 +56,18 @@ def test_bad_tensors_fail_before_any_communication(no_process_group: None) -> No
         ring_dilated_attention(q, q, q, [4], [1], scale=-1.0)
 
 
-def test_dropout_is_refused_by_the_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dropout_is_refused_for_the_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The front door refuses dropout for "ring" (its capabilities declare none) before calling it."""
     registry = build_registry(autoload=False)
-    registry.register(dilated_attn_ring.plugin, "ring-under-test")
+    name = registry.register(dilated_attn_ring.plugin, "ring-under-test")
     monkeypatch.setattr("dilated_attn.functional.get_registry", lambda: registry)
-    q = torch.randn(1, 8, 2, 4)
-    with pytest.raises(
-        ValueError, match=r"backend='ring' cannot run these inputs: dropout_p=0.1 not supported"
-    ):
-        dilated_attention(q, q, q, [4], [1], backend="ring", dropout_p=0.1)
+    try:
+        assert not registry.attention("ring").capabilities.dropout
+        q = torch.randn(1, 8, 2, 4)
+        with pytest.raises(ValueError, match="dropout_p=0.1"):
+            dilated_attention(q, q, q, [4], [1], backend="ring", dropout_p=0.1)
+    finally:
+        registry.unregister(name)
 
 
 def test_functional_routes_to_ring_backend(monkeypatch: pytest.MonkeyPatch, no_process_group: None) -> None:

@@ -1,6 +1,8 @@
-"""``ring_dilated_attention`` on 2 and 4 gloo processes against the float64 oracle.
+"""``ring_dilated_attention`` on gloo processes against the float64 oracle.
 
-One launch per world size runs every case of ``ring_worker.py``; the tests below judge its report.
+One launch per suite of ``ring_worker.py`` and world size runs every case of the suite; the tests
+below judge its report. "oracle" runs at 2 and 4 processes; "fused" (the local runs on the fused
+kernels, under Triton's interpreter) at 2 and 4; "worlds" at 2, 3, 4 and 8.
 """
 
 from __future__ import annotations
@@ -21,16 +23,24 @@ import ring_worker  # noqa: E402
 from dilated_attn.testing import TOLERANCES  # noqa: E402
 
 WORLDS = (2, 4)
+SCALING_WORLDS = (2, 3, 4, 8)
 LAUNCH_TIMEOUT_S = 240
+# Triton's interpreter runs every kernel program in Python.
+INTERPRETED_TIMEOUT_S = 900
 
 
-def _launch(world: int, tmp: Path) -> dict[str, Any]:
+def _launch(world: int, tmp: Path, suite: str = "oracle") -> dict[str, Any]:
     store, report = tmp / "store", tmp / "report.json"
     env = dict(os.environ, WORLD_SIZE=str(world), OMP_NUM_THREADS="1", DILATED_ATTN_LOAD_PLUGINS="")
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    # Only the "fused" suite runs the kernels (interpreted); the others take the gather path on CPU.
+    env.pop("TRITON_INTERPRET", None)
+    if suite == "fused":
+        env["TRITON_INTERPRET"] = "1"
+    timeout = INTERPRETED_TIMEOUT_S if suite == "fused" else LAUNCH_TIMEOUT_S
     procs = [
         subprocess.Popen(
-            [sys.executable, ring_worker.__file__, str(store), str(report)],
+            [sys.executable, ring_worker.__file__, str(store), str(report), suite],
             env=dict(env, RANK=str(rank)),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -41,7 +51,7 @@ def _launch(world: int, tmp: Path) -> dict[str, Any]:
     logs = []
     try:
         for proc in procs:
-            logs.append(proc.communicate(timeout=LAUNCH_TIMEOUT_S)[0])
+            logs.append(proc.communicate(timeout=timeout)[0])
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -64,12 +74,50 @@ def _all_case_names() -> list[str]:
     return sorted(set(ring_worker.cases(2)) | set(ring_worker.cases(4)))
 
 
+@pytest.fixture(scope="module", params=WORLDS, ids=[f"world{w}" for w in WORLDS])
+def fused_report(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[int, dict[str, Any]]:
+    pytest.importorskip("triton")
+    world = request.param
+    return world, _launch(world, tmp_path_factory.mktemp(f"ring-fused-world{world}"), "fused")
+
+
+@pytest.fixture(scope="module", params=SCALING_WORLDS, ids=[f"world{w}" for w in SCALING_WORLDS])
+def worlds_report(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[int, dict[str, Any]]:
+    world = request.param
+    return world, _launch(world, tmp_path_factory.mktemp(f"ring-worlds-world{world}"), "worlds")
+
+
 @pytest.mark.parametrize("name", _all_case_names())
 def test_matches_oracle(report: tuple[int, dict[str, Any]], name: str) -> None:
     world, results = report
     if name not in ring_worker.cases(world):
         pytest.skip(f"{name} runs only on other world sizes")
+    _check_errors(results[name])
+
+
+@pytest.mark.parametrize("name", sorted(ring_worker.fused_cases(2)))
+def test_local_runs_on_the_fused_kernels_match_oracle(
+    fused_report: tuple[int, dict[str, Any]], name: str
+) -> None:
+    _, results = fused_report
     result = results[name]
+    _check_errors(result)
+    # Every local run of every rank went through the kernels, forward and backward.
+    assert result["local_runs"] > 0
+    assert result["fused_calls"] == [result["local_runs"], result["local_runs"]]
+
+
+@pytest.mark.parametrize("name", sorted(ring_worker.world_cases(2)))
+def test_world_sizes_two_to_eight_match_oracle(worlds_report: tuple[int, dict[str, Any]], name: str) -> None:
+    _, results = worlds_report
+    _check_errors(results[name])
+
+
+def _check_errors(result: dict[str, Any]) -> None:
     assert "failure" not in result, result.get("failure")
     fwd_tol, grad_tol = TOLERANCES[getattr(torch, result["case"]["dtype"])]
     errors = result["errors"]

@@ -10,7 +10,7 @@ pytest.importorskip("dilated_attn_ring")
 
 from dilated_attn.ops import PatternJob, jobs_for  # noqa: E402
 from dilated_attn.pattern import DilationPattern  # noqa: E402
-from dilated_attn_ring.plan import RankPlan, rank_plan  # noqa: E402
+from dilated_attn_ring.plan import RankPlan, Traffic, rank_plan  # noqa: E402
 
 
 @st.composite
@@ -161,3 +161,38 @@ def test_whole_sequence_segment_reaches_every_rank() -> None:
         peers = {receipt.peer for step in plan.steps for receipt in step.receipts}
         assert peers == set(range(world)) - {plan.rank}
         assert [(p.start, p.stop) for p in plan.pieces] == [(plan.rank * m, (plan.rank + 1) * m)]
+
+
+@settings(max_examples=100, deadline=None)
+@given(layouts())
+def test_traffic_sent_is_traffic_received(layout) -> None:
+    jobs, m, world, _, causal = layout
+    plans = _plans(jobs, m, world, causal)
+    assert sum(p.sent_pairs for p in plans) == sum(p.received_pairs for p in plans)
+    moved = [p.traffic(2, 8, 2) for p in plans]
+    assert sum(t.forward_sent for t in moved) == sum(t.forward_received for t in moved)
+    assert sum(t.backward_sent for t in moved) == sum(t.backward_received for t in moved)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("world", [2, 3, 8])
+def test_traffic_of_a_whole_sequence_pattern(world: int, causal: bool) -> None:
+    """w = n, r = 4 on 12 rows per rank: every rank's piece (3 rows per head, 2 heads) goes to every
+    other rank, or only to the later ones when causal; gradients come back in float32."""
+    m, h, d = 12, 2, 8
+    jobs = jobs_for(DilationPattern([1 << 20], [4]), world * m, h, "longnet")
+    for rank, plan in enumerate(_plans(jobs, m, world, causal)):
+        piece_pairs = h * (m // 4)
+        later, earlier = world - 1 - rank, rank
+        assert plan.sent_pairs == piece_pairs * (later if causal else world - 1)
+        assert plan.received_pairs == piece_pairs * (earlier if causal else world - 1)
+        t = plan.traffic(1, d, 2)
+        assert t.forward_sent == plan.sent_pairs * 2 * d * 2
+        assert t.backward_sent == t.forward_sent + plan.received_pairs * 2 * d * 4
+        assert t.backward_received == t.forward_received + plan.sent_pairs * 2 * d * 4
+
+
+def test_dividing_patterns_move_nothing() -> None:
+    jobs = jobs_for(DilationPattern([4, 8, 16], [1, 2, 4]), 4 * 16, 4, "longnet")
+    for plan in _plans(jobs, 16, 4, False):
+        assert plan.traffic(1, 64, 2) == Traffic(0, 0, 0, 0)

@@ -15,10 +15,16 @@ from dilated_attn.pool import BufferPool
 
 
 def _sinusoidal_positions(
-    n: int, dim: int, device: torch.device, dtype: torch.dtype, start: torch.Tensor | None = None
+    n: int,
+    dim: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    start: torch.Tensor | None = None,
+    offset: int = 0,
 ) -> torch.Tensor:
-    """``(n, dim)`` position codes of ``0..n-1``; with ``start`` ``(b,)``, ``(b, n, dim)`` from there."""
-    position = torch.arange(n, device=device, dtype=torch.float32)
+    """``(n, dim)`` position codes of ``offset..offset+n-1``; with ``start`` ``(b,)``, ``(b, n, dim)``
+    from there."""
+    position = torch.arange(offset, offset + n, device=device, dtype=torch.float32)
     if start is not None:
         position = start.to(device=device, dtype=torch.float32)[:, None] + position
     position = position[..., None]
@@ -95,19 +101,39 @@ class LongNetLM(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
         nn.init.normal_(self.embed.weight, std=embed_dim**-0.5)
 
-    def forward(self, tokens: torch.Tensor, cache: Sequence[DilatedKVCache] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cache: Sequence[DilatedKVCache] | None = None,
+        *,
+        position_offset: int = 0,
+    ) -> torch.Tensor:
         """``tokens`` ``(b, n)`` int64 -> logits ``(b, n, vocab_size)``.
 
         With ``cache`` (one ``DilatedKVCache`` per layer, from ``new_cache``), ``tokens`` follow the
-        tokens already cached and the caches advance by ``n``.
+        tokens already cached and the caches advance by ``n``. ``position_offset``: the position of
+        ``tokens[:, 0]`` in the sequence (positions ``offset .. offset + n - 1``), for a rank holding
+        one chunk of a sequence split across ranks (attention ``backend="ring"``); the cache already
+        knows where its tokens go, so the two are not combined.
         """
         if tokens.dim() != 2:
             raise ValueError(f"tokens.shape={tuple(tokens.shape)} must be (batch, seq)")
         if cache is not None and len(cache) != len(self.blocks):
             raise ValueError(f"cache holds {len(cache)} layers; the model has {len(self.blocks)}")
+        if isinstance(position_offset, bool) or not isinstance(position_offset, int):
+            raise TypeError(
+                f"position_offset={position_offset!r} must be an int (got {type(position_offset).__name__})"
+            )
+        if position_offset < 0:
+            raise ValueError(f"position_offset={position_offset} must be >= 0")
+        if cache is not None and position_offset:
+            raise ValueError(
+                f"position_offset={position_offset} cannot be combined with cache=: the cached tokens "
+                "set the positions of the new ones"
+            )
         x = self.embed(tokens)
         start = None if cache is None else cache[0].length
-        x = x + _sinusoidal_positions(tokens.shape[1], x.shape[-1], x.device, x.dtype, start)
+        x = x + _sinusoidal_positions(tokens.shape[1], x.shape[-1], x.device, x.dtype, start, position_offset)
         for i, block in enumerate(self.blocks):
             x = block(x, None if cache is None else cache[i])
         return self.norm(x) @ self.embed.weight.t()

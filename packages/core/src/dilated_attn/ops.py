@@ -5,14 +5,24 @@ per-pattern results by their log-sum-exps (LongNet eq. 10), which equals one sof
 union of the key sets. ``dilated_backward`` runs each block's backward with the *merged* output and
 log-sum-exp, so the gradients through the mixing weights are exact. Composers (ring attention) merge
 further partial results with ``merge_lse`` and pass their merged tensors to ``dilated_backward``.
+
+``local_forward`` and ``local_backward`` are the same contract on the fused Triton kernels
+(``dilated_attn.kernels.jobs``: strided loads, no gathered copies) wherever they run, and on the
+gather path elsewhere: the composers' entry points.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Sequence
+from functools import cache
 
 import torch
 
+# The kernels' dtypes and head sizes, read from the backend so that choosing a path imports no Triton.
+from dilated_attn.backends.triton import DTYPES as _FUSED_DTYPES
+from dilated_attn.backends.triton import HEAD_DIMS as _FUSED_HEAD_DIMS
 from dilated_attn.block_attention import (
     all_finite,
     attention_backward,
@@ -27,6 +37,9 @@ __all__ = [
     "jobs_for",
     "dilated_forward",
     "dilated_backward",
+    "fused_applies",
+    "local_forward",
+    "local_backward",
     "merge_lse",
     "attention_forward",
     "attention_backward",
@@ -171,3 +184,91 @@ def dilated_backward(
                 b, group.count, len(group.heads), group.rows_per_segment, -1
             )
     return dq, dk, dv
+
+
+@cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _whole_head_ranges(jobs: Sequence[PatternJob]) -> bool:
+    """Each job's heads a contiguous range, any two jobs' heads equal or disjoint (one launch each)."""
+    for job in jobs:
+        if job.heads != tuple(range(job.heads[0], job.heads[0] + len(job.heads))):
+            return False
+    sets = {frozenset(job.heads) for job in jobs}
+    return all(a == b or a.isdisjoint(b) for a in sets for b in sets)
+
+
+def fused_applies(q: torch.Tensor, jobs: Sequence[PatternJob]) -> bool:
+    """Whether ``local_forward``/``local_backward`` run ``jobs`` on ``q``'s kind of tensor fused.
+
+    CUDA tensors, or CPU tensors while the kernels run on Triton's interpreter (``TRITON_INTERPRET=1``,
+    for tests); fp16, bf16 or fp32; head_dim 16..256; heads in whole ranges.
+    """
+    lo, hi = _FUSED_HEAD_DIMS
+    if q.dtype not in _FUSED_DTYPES or not lo <= q.shape[-1] <= hi or not jobs:
+        return False
+    if not _triton_installed() or not _whole_head_ranges(jobs):
+        return False
+    if q.is_cuda:
+        return True
+    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        from dilated_attn.kernels.tuning import interpreting
+
+        return interpreting()
+    return False
+
+
+def local_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    jobs: Sequence[PatternJob],
+    *,
+    causal: bool,
+    scale: float,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dilated_forward``'s result, on the fused kernels where ``fused_applies``, else by gathering.
+
+    Contiguous ``(b, n, h, d)`` inputs. Returns ``out`` ``(b, n, h, d)`` in ``out_dtype`` (default:
+    float32, float64 for float64 inputs) and ``lse`` ``(b, n, h)`` float32 (float64 for float64).
+    """
+    ct = compute_dtype(q.dtype)
+    dtype = ct if out_dtype is None else out_dtype
+    if fused_applies(q, jobs):
+        from dilated_attn.kernels.jobs import fused_forward
+
+        return fused_forward(q, k, v, jobs, causal=causal, scale=scale, out_dtype=dtype)
+    out, lse = dilated_forward(q, k, v, jobs, causal=causal, scale=scale)
+    return out.to(dtype), lse
+
+
+def local_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    jobs: Sequence[PatternJob],
+    *,
+    causal: bool,
+    scale: float,
+    dlse: torch.Tensor | None = None,
+    grad_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``dilated_backward``'s gradients from the merged ``out`` and ``lse``, on ``local_forward``'s path.
+
+    Gradients in ``grad_dtype`` (default: float32, float64 for float64 inputs).
+    """
+    dtype = compute_dtype(q.dtype) if grad_dtype is None else grad_dtype
+    if fused_applies(q, jobs):
+        from dilated_attn.kernels.jobs import fused_backward
+
+        return fused_backward(
+            dout, q, k, v, out, lse, dlse, jobs, causal=causal, scale=scale, grad_dtype=dtype
+        )
+    grads = dilated_backward(dout, q, k, v, out, lse, jobs, causal=causal, scale=scale, dlse=dlse)
+    return grads[0].to(dtype), grads[1].to(dtype), grads[2].to(dtype)

@@ -1,14 +1,20 @@
 """The forward and backward passes of one rank (no autograd): local runs, then shared-segment pieces.
 
-Forward: interior segments go through the core's ``dilated_forward``; each piece attends to itself
-(causal when asked), then to the pieces of the same segment that arrive step by step, the next
-step's transfer in flight while the current one computes; per-piece results merge by LSE, and the
-pieces merge into the local result by LSE. Besides its own pieces, a rank holds the remote pieces of
-at most two steps (the one computing, the one in flight), whatever the world size.
+Forward: interior segments go through the core's ``local_forward``: the fused Triton kernels on
+CUDA (strided loads, patterns merged in place, no gathered copies), the gather path where the kernels
+cannot run. They need no communication, so the first step's transfer is posted before they run.
+Each piece attends to itself (causal when asked), then to the pieces of the same segment that arrive
+step by step, the next step's transfer in flight while the current one computes; per-piece results
+merge by LSE, and the pieces merge into the local result by LSE. Besides its own pieces, a rank
+holds the remote pieces of at most two steps (the one computing, the one in flight), whatever the
+world size: a step's received pieces are freed once it has run.
 
-Backward: every block runs ``attention_backward`` with the *merged* output and LSE of its rows.
-Remote pieces are fetched again, and the key/value gradients they receive are sent back to their
-owners in the same step order (the reduce-scatter of LongNet's distributed algorithm).
+Backward: the local runs go through ``local_backward`` and every piece block through
+``attention_backward``, all with the *merged* output and LSE of their rows, so gradients stay exact
+after the merge. Remote pieces are fetched again, and the key/value gradients they receive are sent
+back to their owners in the same step order (the reduce-scatter of LongNet's distributed algorithm).
+Between the passes the autograd node keeps ``q, k, v``, the merged ``out`` (input dtype) and ``lse``
+(float32): what the fused backward needs, nothing per pattern or per piece.
 """
 
 from __future__ import annotations
@@ -20,8 +26,8 @@ from dilated_attn.block_attention import compute_dtype
 from dilated_attn.ops import (
     attention_backward,
     attention_forward,
-    dilated_backward,
-    dilated_forward,
+    local_backward,
+    local_forward,
     merge_lse,
 )
 
@@ -45,23 +51,28 @@ Tensors = tuple[torch.Tensor, ...]
 
 
 def _rows(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    return x[:, start:stop].contiguous()
+    """Rows ``[start, stop)`` of a contiguous chunk, contiguous (the chunk itself when it is all of it)."""
+    return x if (start, stop) == (0, x.shape[1]) else x[:, start:stop].contiguous()
 
 
 def _local_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RankPlan, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     m = q.shape[1]
+    # With nothing to merge in afterwards, the one run's result is final: keep it in the input dtype
+    # (the fused kernels write it directly) instead of a float32 accumulator.
+    out_dtype = q.dtype if plan.covers_chunk else None
     out: torch.Tensor | None = None
     lse: torch.Tensor | None = None
     for run in plan.local:
-        o, l = dilated_forward(
+        o, l = local_forward(
             _rows(q, run.start, run.stop),
             _rows(k, run.start, run.stop),
             _rows(v, run.start, run.stop),
             run.jobs,
             causal=causal,
             scale=scale,
+            out_dtype=out_dtype,
         )
         if out is None and (run.start, run.stop) == (0, m):
             out, lse = o, l
@@ -115,15 +126,17 @@ def ring_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merged attention of this rank's rows: ``out`` ``(b, m, h, d)`` and ``lse`` ``(b, m, h)``.
 
-    Contiguous ``(b, m, h, d)`` inputs; results in float32 (float64 for float64 inputs).
+    Contiguous ``(b, m, h, d)`` inputs; results in float32 (float64 for float64 inputs), ``out`` in the
+    input dtype when one local run covers the chunk (nothing is merged into it).
     """
-    out, lse = _local_forward(q, k, v, plan, causal, scale)
-    if not plan.pieces:
-        return out, lse
     b, _, h, d = q.shape
     indices = [block_indices(piece, h, q.device) for piece in plan.pieces]
     own_kv = [pack_kv(k, v, piece, idx) for piece, idx in zip(plan.pieces, indices)]
+    # The first transfer is in flight while the local segments run: they need no communication.
     pending = _post_kv(info, plan.steps[0], own_kv, b, d) if plan.steps else None
+    out, lse = _local_forward(q, k, v, plan, causal, scale)
+    if not plan.pieces:
+        return out, lse
 
     own_q = [_blocks(q, piece, idx) for piece, idx in zip(plan.pieces, indices)]
     acc: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
@@ -139,24 +152,39 @@ def ring_forward(
         transfer, bufs = pending
         transfer.wait()
         pending = _post_kv(info, plan.steps[s + 1], own_kv, b, d) if s + 1 < len(plan.steps) else None
-        for receipt, buf in zip(step.receipts, bufs):
-            remote = kv_blocks(buf, receipt.remote, b, d)
-            for pairing in receipt.pairings:
-                kvb = remote[pairing.other_block]
-                o, l = attention_forward(
-                    select_heads(own_q[receipt.own][pairing.own_block], pairing.own_heads),
-                    select_heads(kvb[0], pairing.other_heads),
-                    select_heads(kvb[1], pairing.other_heads),
-                    causal=False,
-                    scale=scale,
-                )
-                acc_out, acc_lse = acc[receipt.own][pairing.own_block]
-                merge_heads(acc_out, acc_lse, pairing.own_heads, o, l)
+        _attend_received(step, bufs, own_q, acc, b, d, scale)
+        # The received pieces die here, before the next step's buffers arrive.
+        del transfer, bufs
 
     for idx, results in zip(indices, acc):
         for index, (o, l) in zip(idx, results):
             merge_into(out, lse, index, o, l)
     return out, lse
+
+
+def _attend_received(
+    step: Step,
+    bufs: list[torch.Tensor],
+    own_q: list[list[torch.Tensor]],
+    acc: list[list[tuple[torch.Tensor, torch.Tensor]]],
+    batch: int,
+    head_dim: int,
+    scale: float,
+) -> None:
+    """Merge the attention of this rank's piece queries to one step's received keys into ``acc``."""
+    for receipt, buf in zip(step.receipts, bufs):
+        remote = kv_blocks(buf, receipt.remote, batch, head_dim)
+        for pairing in receipt.pairings:
+            kvb = remote[pairing.other_block]
+            o, l = attention_forward(
+                select_heads(own_q[receipt.own][pairing.own_block], pairing.own_heads),
+                select_heads(kvb[0], pairing.other_heads),
+                select_heads(kvb[1], pairing.other_heads),
+                causal=False,
+                scale=scale,
+            )
+            acc_out, acc_lse = acc[receipt.own][pairing.own_block]
+            merge_heads(acc_out, acc_lse, pairing.own_heads, o, l)
 
 
 def _local_backward(
@@ -172,10 +200,11 @@ def _local_backward(
     scale: float,
 ) -> Tensors:
     m = q.shape[1]
+    grad_dtype = q.dtype if plan.covers_chunk else None
     grads: Tensors | None = None
     for run in plan.local:
         a, z = run.start, run.stop
-        g = dilated_backward(
+        g = local_backward(
             _rows(dout, a, z),
             _rows(q, a, z),
             _rows(k, a, z),
@@ -186,6 +215,7 @@ def _local_backward(
             causal=causal,
             scale=scale,
             dlse=None if dlse is None else _rows(dlse, a, z),
+            grad_dtype=grad_dtype,
         )
         if grads is None and (a, z) == (0, m):
             grads = g
@@ -261,16 +291,16 @@ def ring_backward(
     """Gradients ``(dq, dk, dv)`` of this rank's chunk, given the merged ``out`` and ``lse``.
 
     Every rank of the group must call it (the transfers are collective); results in float32
-    (float64 for float64 inputs).
+    (float64 for float64 inputs), or in the input dtype when one local run covers the chunk.
     """
-    dq, dk, dv = _local_backward(dout, q, k, v, out, lse, dlse, plan, causal, scale)
-    if not plan.pieces:
-        return dq, dk, dv
     b, _, h, d = q.shape
-    ct = dq.dtype
     indices = [block_indices(piece, h, q.device) for piece in plan.pieces]
     own_kv = [pack_kv(k, v, piece, idx) for piece, idx in zip(plan.pieces, indices)]
     pending = _post_kv(info, plan.steps[0], own_kv, b, d) if plan.steps else None
+    dq, dk, dv = _local_backward(dout, q, k, v, out, lse, dlse, plan, causal, scale)
+    if not plan.pieces:
+        return dq, dk, dv
+    ct = dq.dtype
 
     queries = [
         [
@@ -307,29 +337,8 @@ def ring_backward(
         transfer, bufs = pending
         transfer.wait()
         pending = _post_kv(info, plan.steps[s + 1], own_kv, b, d) if s + 1 < len(plan.steps) else None
-        grads_out = []
-        for receipt, buf in zip(step.receipts, bufs):
-            remote = kv_blocks(buf, receipt.remote, b, d)
-            grad_buf = torch.zeros(buf.shape, dtype=ct, device=q.device)
-            remote_grads = kv_blocks(grad_buf, receipt.remote, b, d)
-            for pairing in receipt.pairings:
-                side = queries[receipt.own][pairing.own_block].heads(pairing.own_heads)
-                kvb = remote[pairing.other_block]
-                gq, gk, gv = attention_backward(
-                    side.dout,
-                    side.q,
-                    select_heads(kvb[0], pairing.other_heads),
-                    select_heads(kvb[1], pairing.other_heads),
-                    side.out,
-                    side.lse,
-                    causal=False,
-                    scale=scale,
-                    dlse=side.dlse,
-                )
-                add_heads(dq_p[receipt.own][pairing.own_block], pairing.own_heads, gq)
-                add_heads(remote_grads[pairing.other_block][0], pairing.other_heads, gk)
-                add_heads(remote_grads[pairing.other_block][1], pairing.other_heads, gv)
-            grads_out.append(grad_buf)
+        grads_out = _backward_received(step, bufs, queries, dq_p, b, d, ct, scale)
+        del transfer, bufs
         grads_in = [torch.empty_like(dkv_p[send.piece]) for send in step.sends]
         sent_back = Transfer(
             info.group,
@@ -348,6 +357,43 @@ def ring_backward(
             scatter_add(dk, index, kvb[0])
             scatter_add(dv, index, kvb[1])
     return dq, dk, dv
+
+
+def _backward_received(
+    step: Step,
+    bufs: list[torch.Tensor],
+    queries: list[list[_QuerySide]],
+    dq_p: list[list[torch.Tensor]],
+    batch: int,
+    head_dim: int,
+    grad_dtype: torch.dtype,
+    scale: float,
+) -> list[torch.Tensor]:
+    """Backward through one step's received keys: adds into ``dq_p``, returns their key/value gradients."""
+    grads_out = []
+    for receipt, buf in zip(step.receipts, bufs):
+        remote = kv_blocks(buf, receipt.remote, batch, head_dim)
+        grad_buf = torch.zeros(buf.shape, dtype=grad_dtype, device=buf.device)
+        remote_grads = kv_blocks(grad_buf, receipt.remote, batch, head_dim)
+        for pairing in receipt.pairings:
+            side = queries[receipt.own][pairing.own_block].heads(pairing.own_heads)
+            kvb = remote[pairing.other_block]
+            gq, gk, gv = attention_backward(
+                side.dout,
+                side.q,
+                select_heads(kvb[0], pairing.other_heads),
+                select_heads(kvb[1], pairing.other_heads),
+                side.out,
+                side.lse,
+                causal=False,
+                scale=scale,
+                dlse=side.dlse,
+            )
+            add_heads(dq_p[receipt.own][pairing.own_block], pairing.own_heads, gq)
+            add_heads(remote_grads[pairing.other_block][0], pairing.other_heads, gk)
+            add_heads(remote_grads[pairing.other_block][1], pairing.other_heads, gv)
+        grads_out.append(grad_buf)
+    return grads_out
 
 
 def _collect(returning: tuple[Transfer, Step, list[torch.Tensor]], dkv_p: list[torch.Tensor]) -> None:

@@ -116,6 +116,16 @@ class LocalRun:
 
 
 @dataclass(frozen=True)
+class Traffic:
+    """Bytes one rank sends and receives in a forward and in a backward (keys, values, gradients)."""
+
+    forward_sent: int
+    forward_received: int
+    backward_sent: int
+    backward_received: int
+
+
+@dataclass(frozen=True)
 class RankPlan:
     """All the work of one rank: local runs, pieces of shared segments, and the transfer steps."""
 
@@ -134,6 +144,32 @@ class RankPlan:
             not self.pieces
             and len(self.local) == 1
             and (self.local[0].start, self.local[0].stop) == (0, self.n_local)
+        )
+
+    @property
+    def sent_pairs(self) -> int:
+        """Selected (row, head) pairs of keys this rank sends in one forward (as many of values)."""
+        return sum(self.pieces[send.piece].size for step in self.steps for send in step.sends)
+
+    @property
+    def received_pairs(self) -> int:
+        """Selected (row, head) pairs of keys this rank receives in one forward (as many of values)."""
+        return sum(receipt.remote.size for step in self.steps for receipt in step.receipts)
+
+    def traffic(self, batch: int, head_dim: int, itemsize: int) -> Traffic:
+        """What moves for inputs of ``itemsize`` bytes per element.
+
+        The backward fetches the keys and values again and returns their gradients to the owners,
+        accumulated and sent in float32 (float64 for float64 inputs).
+        """
+        row = 2 * batch * head_dim
+        grad = row * max(itemsize, 4)
+        sent, received = self.sent_pairs, self.received_pairs
+        return Traffic(
+            sent * row * itemsize,
+            received * row * itemsize,
+            sent * row * itemsize + received * grad,
+            received * row * itemsize + sent * grad,
         )
 
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dilated_attn.cache import metadata_cache
-from dilated_attn.pattern import DilationPattern, jobs_for
+from dilated_attn.pattern import DilationPattern, PatternJob, jobs_for
 
 
 @dataclass(frozen=True)
@@ -82,13 +82,20 @@ def _plan(
 ) -> LaunchPlan:
     if num_kv_heads < 1 or num_heads % num_kv_heads:
         raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
-    group = num_heads // num_kv_heads
+    jobs = jobs_for(DilationPattern.trusted(segment_lengths, dilation_rates), n, num_heads, mode)
+    return plan_jobs(jobs, group=num_heads // num_kv_heads)
+
+
+def plan_jobs(jobs: Sequence[PatternJob], *, group: int = 1) -> LaunchPlan:
+    """Launches for ``jobs`` (each a contiguous head range) whose query heads share K/V heads in
+    groups of ``group``; patterns with ``r == 1`` go first.
+
+    ``needs_init`` here says nothing about heads no job covers: a caller running a subset of the
+    heads must start those zeroed itself.
+    """
     # The LSE merge is commutative; starting each head with an r == 1 pattern lets its first launch
     # overwrite uninitialised memory instead of merging into a zeroed buffer.
-    jobs = sorted(
-        jobs_for(DilationPattern.trusted(segment_lengths, dilation_rates), n, num_heads, mode),
-        key=lambda job: job.dilation != 1,
-    )
+    jobs = sorted(jobs, key=lambda job: job.dilation != 1)
     launches = []
     touched: set[int] = set()
     kv_touched: set[int] = set()
