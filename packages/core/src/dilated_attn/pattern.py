@@ -14,8 +14,9 @@ from dataclasses import dataclass
 MODES = ("longnet", "head_groups")
 
 
-# Positions and strides are 32-bit in the kernels; no real pattern comes near this.
-MAX_PATTERN_VALUE = 2**31 - 1
+# A segment longer than the sequence is the whole sequence (``W = min(w, n)``), so huge values are
+# meaningful; they must still fit the 64-bit arithmetic of the plans and kernels.
+MAX_PATTERN_VALUE = 2**62
 
 
 def _as_int_tuple(name: str, values: object) -> tuple[int, ...]:
@@ -30,7 +31,7 @@ def _as_int_tuple(name: str, values: object) -> tuple[int, ...]:
         if v <= 0:
             raise ValueError(f"{name}[{i}]={v} must be a positive int")
         if v > MAX_PATTERN_VALUE:
-            raise ValueError(f"{name}[{i}]={v} must be at most 2**31 - 1")
+            raise ValueError(f"{name}[{i}]={v} must be at most 2**62")
         out.append(int(v))
     if not out:
         raise ValueError(f"{name}={values!r} must name at least one pattern")

@@ -31,7 +31,8 @@ def _launches(jobs: tuple[PatternJob, ...], num_heads: int) -> LaunchPlan:
         plan = plan_jobs(jobs)
         covered = {j for job in jobs for j in job.heads}
         # Heads no job covers keep zero output and -inf LSE (zero gradients): start them initialised.
-        return LaunchPlan(plan.launches, plan.needs_init or covered != set(range(num_heads)))
+        uncovered = covered != set(range(num_heads))
+        return LaunchPlan(plan.launches, plan.needs_init or uncovered, plan.kv_needs_init or uncovered)
 
     return _JOB_LAUNCHES.get_or_build(
         (jobs, num_heads), build, nbytes=lambda plan: 128 * (1 + len(plan.launches))
