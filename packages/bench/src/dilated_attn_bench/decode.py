@@ -178,11 +178,11 @@ def _plot(records: Sequence[DecodeRecord], path: Any) -> None:
             "o-",
             label=f"dilated KV cache, batch {batch}",
         )
-        dense = [r for r in rows if r.dense_graph_us is not None]
+        dense = [(r.context, r.dense_graph_us) for r in rows if r.dense_graph_us is not None]
         if dense:
             ax.plot(
-                [r.context for r in dense],
-                [r.dense_graph_us for r in dense],
+                [context for context, _ in dense],
+                [us for _, us in dense],
                 "s--",
                 label=f"dense SDPA, batch {batch}",
             )

@@ -28,11 +28,12 @@ def _as_int_tuple(name: str, values: object) -> tuple[int, ...]:
     for i, v in enumerate(values):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
             raise TypeError(f"{name}[{i}]={v!r} must be an int (got {type(v).__name__})")
-        if v <= 0:
+        value = int(v)
+        if value <= 0:
             raise ValueError(f"{name}[{i}]={v} must be a positive int")
-        if v > MAX_PATTERN_VALUE:
+        if value > MAX_PATTERN_VALUE:
             raise ValueError(f"{name}[{i}]={v} must be at most 2**62")
-        out.append(int(v))
+        out.append(value)
     if not out:
         raise ValueError(f"{name}={values!r} must name at least one pattern")
     return tuple(out)

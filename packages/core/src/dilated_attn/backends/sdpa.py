@@ -76,7 +76,7 @@ def sdpa_fwd(
         )
         out = acc.to(q.dtype, copy=lease is not None)
     finally:
-        if lease is not None:
+        if lease is not None and buffers is not None:
             buffers.release(lease)
     return out, lse.to(compute_dtype(q.dtype))
 
