@@ -252,3 +252,37 @@ def test_longnet_lm_runs_causal():
     changed = tokens.clone()
     changed[0, -1] = (changed[0, -1] + 1) % 50
     torch.testing.assert_close(model(changed)[:, :-1], logits[:, :-1])
+
+
+def test_pattern_object_with_dilation_rates_is_refused():
+    from dilated_attn import DilationPattern
+
+    q, k, v = _qkv()
+    with pytest.raises(
+        TypeError, match="dilation_rates=\\[4\\] must be None when segment_lengths is a DilationPattern"
+    ):
+        dilated_attention(q, k, v, DilationPattern([8], [1]), [4])
+
+
+def test_pool_without_weak_references_is_refused_naming_pool():
+    class SlottedPool:
+        __slots__ = ()
+
+        def acquire(self, *a):
+            raise AssertionError
+
+        def release(self, *a):
+            raise AssertionError
+
+        def stats(self):
+            return {}
+
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match="pool=.* must support weak references"):
+        dilated_attention(q, k, v, W, R, pool=SlottedPool())
+
+
+def test_square_two_dimensional_attn_mask_is_ambiguous():
+    q, k, v = (torch.randn(4, 4, 2, 8) for _ in range(3))
+    with pytest.raises(ValueError, match="ambiguous with batch == seq == 4"):
+        dilated_attention(q, k, v, [4], [1], attn_mask=torch.ones(4, 4, dtype=torch.bool).tril())

@@ -265,4 +265,4 @@ def dilated_attention(
     out, lse = run_backend(choose_backend(backend, request), q, k, v, pattern, request)
     if not return_lse:
         return out
-    return out, (lse.transpose(1, 2) if lse_layout == "bhn" else lse)
+    return out, (lse.transpose(1, 2).contiguous() if lse_layout == "bhn" else lse)

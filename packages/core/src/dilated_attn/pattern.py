@@ -89,6 +89,11 @@ class DilationPattern:
     ) -> DilationPattern:
         """Accept a pattern or the two lists (validated on every call: it costs microseconds)."""
         if isinstance(segment_lengths, DilationPattern):
+            if dilation_rates is not None:
+                raise TypeError(
+                    f"dilation_rates={dilation_rates!r} must be None when segment_lengths is a "
+                    "DilationPattern (the pattern holds its dilation rates)"
+                )
             return segment_lengths
         if dilation_rates is None:
             raise TypeError("dilation_rates=None: pass dilation_rates with segment_lengths")

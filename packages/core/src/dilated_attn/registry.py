@@ -521,10 +521,10 @@ def build_registry(*, autoload: bool = True) -> Registry:
                 continue
             info = _info(ep)
             if pm.has_plugin(ep.name):
-                if ep.name == CORE_PLUGIN:
-                    failures.append(
-                        _warn(info, "load", ValueError(f"entry point name {ep.name!r} is reserved"))
-                    )
+                taken = (
+                    "reserved for the built-ins" if ep.name == CORE_PLUGIN else f"taken by {sources[ep.name]}"
+                )
+                failures.append(_warn(info, "load", ValueError(f"entry point name {ep.name!r} is {taken}")))
                 continue
             try:
                 plugin = ep.load()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 
 import torch
 
@@ -132,6 +133,9 @@ def attn_mask_as_padding(attn_mask: object, b: int, n: int, device: torch.device
     if attn_mask.dtype != torch.bool:
         raise TypeError(f"attn_mask.dtype={attn_mask.dtype} is not supported: {rule}")
     shape = tuple(attn_mask.shape)
+    if shape == (b, n) and b == n:
+        # PyTorch's 2-D attn_mask is (L, S): with batch == seq the shape cannot say which it is.
+        raise ValueError(f"attn_mask.shape={shape} is ambiguous with batch == seq == {n}: {rule}")
     if shape == (b, n):
         keep = attn_mask
     elif len(shape) == 4 and shape[1:3] == (1, 1) and shape[3] == n and shape[0] in (1, b):
@@ -169,6 +173,13 @@ def check_pool(pool: object) -> object:
     if pool is None:
         return None
     if all(callable(getattr(pool, name, None)) for name in ("acquire", "release", "stats")):
+        try:
+            weakref.ref(pool)
+        except TypeError:
+            raise TypeError(
+                f"pool={pool!r} must support weak references (the library never keeps a pool alive); "
+                f"{type(pool).__name__} defines __slots__ without '__weakref__'"
+            ) from None
         return pool
     if hasattr(pool, "factory"):
         raise TypeError(
