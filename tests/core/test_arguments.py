@@ -286,3 +286,22 @@ def test_square_two_dimensional_attn_mask_is_ambiguous():
     q, k, v = (torch.randn(4, 4, 2, 8) for _ in range(3))
     with pytest.raises(ValueError, match="ambiguous with batch == seq == 4"):
         dilated_attention(q, k, v, [4], [1], attn_mask=torch.ones(4, 4, dtype=torch.bool).tril())
+
+
+def test_module_with_a_backend_missing_a_required_option_is_refused_when_built():
+    from dilated_attn import hookimpl
+    from dilated_attn.registry import get_registry
+
+    class Needs:
+        @hookimpl
+        def dilated_attn_register_attention(self, register):
+            register("needs-x", lambda *a: None, options=("x",), requires=("x",), auto=False)
+
+    registry = get_registry()
+    name = registry.register(Needs(), name="needs-x-plugin")
+    try:
+        with pytest.raises(TypeError, match=r"backend='needs-x' requires the keyword arguments \['x'\]"):
+            DilatedAttention(W, R, backend="needs-x")
+        DilatedAttention(W, R, backend="needs-x", x=1)
+    finally:
+        registry.unregister(name)

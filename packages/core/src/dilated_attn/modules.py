@@ -34,6 +34,9 @@ def _check_backend(backend: object, options: dict[str, Any]) -> str:
             f"unexpected keyword arguments {unknown} for backend={backend!r}; it takes "
             f"{sorted(caps.options) or 'none'}"
         )
+    missing = [name for name in caps.requires if options.get(name) is None]
+    if missing:
+        raise TypeError(f"backend={backend!r} requires the keyword arguments {missing}")
     return backend
 
 
