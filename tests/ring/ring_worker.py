@@ -140,10 +140,10 @@ ERROR_CASES: dict[str, tuple[str, tuple[str, ...]]] = {
     # Rejected by one rank's own checks: every rank must raise that rank's error.
     "rate-exceeds-segment": ("ValueError", ("rank {last} of", "dilation_rates")),
     "qkv-dtypes-differ": ("TypeError", ("rank {last} of", "v.dtype=torch.float32 must equal q.dtype")),
-    "shape-wrong": ("ValueError", ("rank {last} of", "v.shape=(1, 4, 3, 8) must equal k.shape=(1, 3, 3, 8)")),
+    "shape-wrong": ("ValueError", ("rank {last} of", "k.shape=(1, 3, 3, 8) must equal q.shape=(1, 4, 3, 8)")),
     "tensor-rank-wrong": ("ValueError", ("rank {last} of", "it must have rank 4")),
     "causal-not-bool": ("TypeError", ("rank {last} of", "causal='yes' must be a bool")),
-    "scale-nan-on-rank-0": ("ValueError", ("rank 0 of", "scale=nan must be a finite number")),
+    "scale-nan-on-rank-0": ("ValueError", ("rank 0 of", "scale=nan must be a finite positive number")),
     # Two ranks fail differently: one error naming both, a ValueError as the kinds differ.
     "two-ranks-fail": ("ValueError", ("ranks 0, {last} of", "rank 0: ", "mode=", "rank {last}: ", "v.dtype")),
 }
