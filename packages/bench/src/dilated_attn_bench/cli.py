@@ -76,6 +76,20 @@ def non_negative(kind: type[int] | type[float]) -> Callable[[str], Any]:
     return parse
 
 
+def token_counts(text: str) -> list[int]:
+    """Comma-separated positive token counts, each an integer with an optional K (2**10) or M (2**20)."""
+    counts = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        scale = {"K": 1 << 10, "M": 1 << 20}.get(part[-1].upper(), 1)
+        digits = part[:-1] if scale > 1 else part
+        if not digits.isdigit() or int(digits) == 0:
+            raise argparse.ArgumentTypeError(
+                f"{part!r} is not a positive token count (an integer, optionally suffixed K or M)"
+            )
+        counts.append(int(digits) * scale)
+    return counts
+
+
 def fraction(text: str) -> float:
     """A relative change in [0, 1)."""
     value = _number(float, text)
@@ -453,6 +467,19 @@ def _ring_parser(sub: Any) -> None:
     r.add_argument("--iters", type=positive(int), default=5)
     r.add_argument("--warmup", type=positive(int), default=2)
     r.add_argument("--no-spanning", action="store_true", help="skip the whole-sequence pattern")
+    r.add_argument("--no-causal", action="store_true", help="skip the causal longnet-1m scaling run")
+    r.add_argument(
+        "--no-ring-alone",
+        action="store_true",
+        help="skip the ring on a group of one (the ratios are against core auto on one GPU either way)",
+    )
+    r.add_argument(
+        "--longest",
+        type=token_counts,
+        default=[4 << 20, 6 << 20, 8 << 20],
+        help="comma-separated tokens per GPU (suffix K or M) to try forward+backward through the ring at, "
+        "stopping at the first that does not fit; '' skips (default 4M,6M,8M)",
+    )
     r.set_defaults(command="dilated_attn_bench.ring:main", needs=("dilated_attn_ring",))
 
 

@@ -11,9 +11,15 @@
    of them. Forward and forward+backward, CUDA events, median of ``--iters``; per-GPU peak memory.
    The one-GPU baseline runs on rank 0 alone, both through the ring (a group of one) and through the
    core's ``dilated_attention(backend="auto")``.
+   The same causal (``--no-causal`` skips it).
 3. The same with one more pattern whose segment is the whole sequence (``w = n``, ``r = 64``), so
    that it spans every GPU: the distributed path at scale. Its work per GPU grows with the world
    size, so the comparison there is per-GPU useful TFLOP/s, not time.
+4. The longest local length: forward+backward through the ring over every GPU at each of
+   ``--longest`` tokens per GPU, recording which fit (an out-of-memory is a result, not an error).
+
+Every ratio is against the core's ``auto`` backend on one GPU with the same local length (the
+strongest single-GPU path a user has), with the targets of the ring's scaling issue beside it.
 
 Prints a table on rank 0 and writes everything (device, date, versions) as JSON to ``--out``.
 """
@@ -130,6 +136,7 @@ def _measure(
     device: torch.device,
     group: dist.ProcessGroup,
     args: argparse.Namespace,
+    causal: bool = False,
 ) -> dict[str, float]:
     """Times, peak memory of one fwd+bwd, and useful TFLOP/s per GPU, on ``args.n_local`` tokens here."""
     shape = (1, args.n_local, HEADS, HEAD_DIM)
@@ -138,10 +145,10 @@ def _measure(
 
     def forward() -> None:
         with torch.no_grad():
-            attend(q, k, v, w, r)
+            attend(q, k, v, w, r, causal)
 
     def forward_backward() -> None:
-        attend(q, k, v, w, r).backward(dout)
+        attend(q, k, v, w, r, causal).backward(dout)
         for t in (q, k, v):
             t.grad = None
 
@@ -151,7 +158,7 @@ def _measure(
     torch.cuda.reset_peak_memory_stats(device)
     forward_backward()
     torch.cuda.synchronize()
-    flops = DilationPattern(w, r).flops(args.n_local * gpus, HEADS, HEAD_DIM) / gpus
+    flops = DilationPattern(w, r).flops(args.n_local * gpus, HEADS, HEAD_DIM, causal=causal) / gpus
     return {
         "gpus": gpus,
         "fwd_ms": fwd,
@@ -176,30 +183,37 @@ def _scaling(
     w: tuple[int, ...],
     r: tuple[int, ...],
     args: argparse.Namespace,
+    causal: bool = False,
 ) -> dict[str, Any]:
     """The one-GPU baselines on rank 0 (the others wait), then the ring over every GPU."""
-    result: dict[str, Any] = {"segment_lengths": list(w), "dilation_rates": list(r), "n_local": args.n_local}
+    result: dict[str, Any] = {
+        "segment_lengths": list(w),
+        "dilation_rates": list(r),
+        "n_local": args.n_local,
+        "causal": causal,
+    }
     if rank == 0:
 
-        def ring_alone(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w_: Any, r_: Any) -> Any:
-            return ring_dilated_attention(q, k, v, w_, r_, group=solo)
+        def ring_alone(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w_: Any, r_: Any, c: bool) -> Any:
+            return ring_dilated_attention(q, k, v, w_, r_, causal=c, group=solo)
 
-        def core_auto(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w_: Any, r_: Any) -> Any:
-            return dilated_attention(q, k, v, w_, r_)
+        def core_auto(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w_: Any, r_: Any, c: bool) -> Any:
+            return dilated_attention(q, k, v, w_, r_, causal=c)
 
-        result["ring_1gpu"] = _measure(ring_alone, 1, w, r, device, solo, args)
-        torch.cuda.empty_cache()
-        result["core_1gpu"] = _measure(core_auto, 1, w, r, device, solo, args)
+        if not args.no_ring_alone:
+            result["ring_1gpu"] = _measure(ring_alone, 1, w, r, device, solo, args, causal)
+            torch.cuda.empty_cache()
+        result["core_1gpu"] = _measure(core_auto, 1, w, r, device, solo, args, causal)
         torch.cuda.empty_cache()
     dist.barrier()
     if world > 1:
 
-        def ring_all(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w_: Any, r_: Any) -> Any:
-            return ring_dilated_attention(q, k, v, w_, r_)
+        def ring_all(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w_: Any, r_: Any, c: bool) -> Any:
+            return ring_dilated_attention(q, k, v, w_, r_, causal=c)
 
         world_group = dist.group.WORLD
         assert world_group is not None
-        mine = _measure(ring_all, world, w, r, device, world_group, args)
+        mine = _measure(ring_all, world, w, r, device, world_group, args, causal)
         torch.cuda.empty_cache()
         # The slowest GPU and the fullest one are what a training step sees.
         worst = {
@@ -210,6 +224,15 @@ def _scaling(
         best = {key: _worst(value, dist.ReduceOp.MIN) for key, value in mine.items() if "tflops" in key}
         result[f"ring_{world}gpu"] = {**mine, **worst, **best}
     return result
+
+
+# The ring scaling issue's targets: ring time and peak per GPU over core auto's on one GPU.
+TARGET_TIME, TARGET_PEAK, TARGET_LONGEST, TARGET_SPANNING = 1.10, 1.15, 6 << 20, 0.90
+
+
+def _verdict(value: float, target: float, *, at_most: bool = True) -> str:
+    ok = value <= target if at_most else value >= target
+    return f"{value:.3f} ({'<=' if at_most else '>='} {target:.2f}: {'met' if ok else 'MISSED'})"
 
 
 def _table(title: str, result: dict[str, Any], world: int) -> str:
@@ -225,17 +248,64 @@ def _table(title: str, result: dict[str, Any], world: int) -> str:
                 f"{x['fwd_tflops_per_gpu']:9.1f} {x['fwd_bwd_tflops_per_gpu']:9.1f}"
             )
     if world > 1:
-        many, one = result[f"ring_{world}gpu"], result["ring_1gpu"]
+        many, core = result[f"ring_{world}gpu"], result["core_1gpu"]
+        if "ring_1gpu" in result:
+            one = result["ring_1gpu"]
+            lines.append(
+                f"ratio {world} GPUs / 1 GPU (ring): fwd {many['fwd_ms'] / one['fwd_ms']:.3f}, "
+                f"fwd+bwd {many['fwd_bwd_ms'] / one['fwd_bwd_ms']:.3f}, "
+                f"peak memory {many['peak_gib'] / one['peak_gib']:.3f}"
+            )
         lines.append(
-            f"ratio {world} GPUs / 1 GPU (ring): fwd {many['fwd_ms'] / one['fwd_ms']:.3f}, "
-            f"fwd+bwd {many['fwd_bwd_ms'] / one['fwd_bwd_ms']:.3f}, peak memory {many['peak_gib'] / one['peak_gib']:.3f}"
-        )
-        core = result["core_1gpu"]
-        lines.append(
-            f"ratio {world} GPUs / 1 GPU (core auto): fwd {many['fwd_ms'] / core['fwd_ms']:.3f}, "
-            f"fwd+bwd {many['fwd_bwd_ms'] / core['fwd_bwd_ms']:.3f}, peak memory {many['peak_gib'] / core['peak_gib']:.3f}"
+            f"ratio {world} GPUs / 1 GPU (core auto): fwd {_verdict(many['fwd_ms'] / core['fwd_ms'], TARGET_TIME)}, "
+            f"fwd+bwd {_verdict(many['fwd_bwd_ms'] / core['fwd_bwd_ms'], TARGET_TIME)}, "
+            f"peak memory {_verdict(many['peak_gib'] / core['peak_gib'], TARGET_PEAK)}"
         )
     return "\n".join(lines)
+
+
+def _spanning_line(base: dict[str, Any], spanning: dict[str, Any], world: int) -> str:
+    """Per-GPU useful TFLOP/s with the spanning pattern over those without it, ring over every GPU."""
+    key = f"ring_{world}gpu" if world > 1 else "core_1gpu"
+    parts = [
+        f"{label} {_verdict(spanning[key][f] / base[key][f], TARGET_SPANNING, at_most=False)}"
+        for label, f in (("fwd", "fwd_tflops_per_gpu"), ("fwd+bwd", "fwd_bwd_tflops_per_gpu"))
+    ]
+    return f"spanning / local-only per-GPU TFLOP/s ({key}): " + ", ".join(parts)
+
+
+def _longest(rank: int, world: int, device: torch.device, sizes: list[int]) -> list[dict[str, Any]]:
+    """Forward+backward through the ring over every GPU at each local length; which ones fit."""
+    rows = []
+    for n_local in sizes:
+        shape = (1, n_local, HEADS, HEAD_DIM)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        fits, ms, error = True, float("nan"), ""
+        try:
+            q, k, v = (
+                torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+            )
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            ring_dilated_attention(q, k, v, LONGNET_W, LONGNET_R).backward(torch.ones_like(q))
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end)
+        except torch.OutOfMemoryError as exc:
+            fits, error = False, str(exc).splitlines()[0]
+        q = k = v = None  # noqa: F841 - free before the next size
+        torch.cuda.empty_cache()
+        # A rank that ran out of memory stops the others' collectives from meaning anything.
+        flag = torch.tensor([1.0 if fits else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        peak = _worst(torch.cuda.max_memory_allocated(device) / 2**30, dist.ReduceOp.MAX)
+        rows.append(
+            {"n_local": n_local, "fits": bool(flag.item()), "ms": ms, "peak_gib": peak, "error": error}
+        )
+        if not flag.item():
+            break
+    return rows
 
 
 def main(args: argparse.Namespace) -> int:
@@ -255,7 +325,10 @@ def main(args: argparse.Namespace) -> int:
             "batch": 1,
             "heads": HEADS,
             "head_dim": HEAD_DIM,
-            **{key: getattr(args, key) for key in ("out", "n_local", "iters", "warmup", "no_spanning")},
+            **{
+                key: getattr(args, key)
+                for key in ("out", "n_local", "iters", "warmup", "no_spanning", "no_causal", "longest")
+            },
         },
     }
     report["exactness"] = _check(rank, world, device)
@@ -263,10 +336,14 @@ def main(args: argparse.Namespace) -> int:
     # Every rank takes part in creating the group; only rank 0 is in it.
     solo = dist.new_group([0])
     report["longnet_1m"] = _scaling(rank, world, device, solo, LONGNET_W, LONGNET_R, args)
+    if not args.no_causal:
+        report["longnet_1m_causal"] = _scaling(rank, world, device, solo, LONGNET_W, LONGNET_R, args, True)
     if not args.no_spanning:
         report["spanning"] = _scaling(
             rank, world, device, solo, (*LONGNET_W, 1 << 40), (*LONGNET_R, 64), args
         )
+    if args.longest:
+        report["longest"] = _longest(rank, world, device, args.longest)
 
     if rank == 0:
         worst = max(max(row["errors"].values()) for row in report["exactness"])
@@ -279,8 +356,29 @@ def main(args: argparse.Namespace) -> int:
         print(
             _table(f"longnet-1m, {args.n_local} tokens per GPU, world {world}", report["longnet_1m"], world)
         )
+        if "longnet_1m_causal" in report:
+            print(
+                _table(
+                    f"longnet-1m causal, {args.n_local} tokens per GPU, world {world}",
+                    report["longnet_1m_causal"],
+                    world,
+                )
+            )
         if "spanning" in report:
             print(_table("longnet-1m + (w = n, r = 64) spanning every GPU", report["spanning"], world))
+            print(_spanning_line(report["longnet_1m"], report["spanning"], world))
+        if "longest" in report:
+            fit = [row["n_local"] for row in report["longest"] if row["fits"]]
+            for row in report["longest"]:
+                state = (
+                    f"{row['ms']:.0f} ms, peak {row['peak_gib']:.1f} GiB"
+                    if row["fits"]
+                    else f"out of memory ({row['error'][:80]})"
+                )
+                print(f"fwd+bwd at {row['n_local']:>9} tokens per GPU ({world} GPUs): {state}")
+            print(
+                f"longest fwd+bwd per GPU: {_verdict(max(fit, default=0) / (1 << 20), TARGET_LONGEST / (1 << 20), at_most=False)} M tokens"
+            )
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1, default=str)
     dist.barrier()
