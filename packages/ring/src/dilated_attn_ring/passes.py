@@ -14,7 +14,9 @@ Backward: the local runs go through ``local_backward`` and every piece block thr
 after the merge. Remote pieces are fetched again, and the key/value gradients they receive are sent
 back to their owners in the same step order (the reduce-scatter of LongNet's distributed algorithm).
 Between the passes the autograd node keeps ``q, k, v``, the merged ``out`` (input dtype) and ``lse``
-(float32): what the fused backward needs, nothing per pattern or per piece.
+(float32): what the fused backward needs, nothing per pattern or per piece. When one local run spans
+the chunk (always when the local segments tile it), the chunk's output and gradients stay in the input
+dtype and the pieces merge into them in place; only the pieces' own results and gradients are float32.
 """
 
 from __future__ import annotations
@@ -59,9 +61,10 @@ def _local_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RankPlan, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     m = q.shape[1]
-    # With nothing to merge in afterwards, the one run's result is final: keep it in the input dtype
-    # (the fused kernels write it directly) instead of a float32 accumulator.
-    out_dtype = q.dtype if plan.covers_chunk else None
+    # One run over the whole chunk writes every row: keep its result in the input dtype (the fused
+    # kernels write it directly) and merge the pieces into it in place, as the core merges its
+    # patterns, instead of holding a float32 accumulator of the chunk (2x the output at 16 bits).
+    out_dtype = q.dtype if plan.one_local_run else None
     out: torch.Tensor | None = None
     lse: torch.Tensor | None = None
     for run in plan.local:
@@ -144,7 +147,8 @@ def ring_forward(
         results = []
         for qb, kvb in zip(qs, kv_blocks(kv, piece, b, d)):
             o, l = attention_forward(qb, kvb[0], kvb[1], causal=causal, scale=scale)
-            results.append((o.to(out.dtype), l.to(lse.dtype)))
+            # Per-piece results are small: they accumulate in float32 (the LSE's dtype).
+            results.append((o.to(lse.dtype), l.to(lse.dtype)))
         acc.append(results)
 
     for s, step in enumerate(plan.steps):
@@ -200,7 +204,7 @@ def _local_backward(
     scale: float,
 ) -> Tensors:
     m = q.shape[1]
-    grad_dtype = q.dtype if plan.covers_chunk else None
+    grad_dtype = q.dtype if plan.one_local_run else None
     grads: Tensors | None = None
     for run in plan.local:
         a, z = run.start, run.stop
@@ -300,7 +304,8 @@ def ring_backward(
     dq, dk, dv = _local_backward(dout, q, k, v, out, lse, dlse, plan, causal, scale)
     if not plan.pieces:
         return dq, dk, dv
-    ct = dq.dtype
+    # The pieces' gradients accumulate in float32 (they are small); the chunk's may be 16-bit.
+    ct = compute_dtype(q.dtype)
 
     queries = [
         [

@@ -52,13 +52,15 @@ def merge_into(
     """
     flat_out, flat_lse = _flat(out), _flat(lse)
     b, d = flat_out.shape[0], flat_out.shape[-1]
+    # The merge runs in the LSE's dtype (float32 at least); a 16-bit ``out`` is rounded once, on the write.
+    ct = lse.dtype
     merged_out, merged_lse = merge_lse(
-        flat_out.index_select(1, index),
+        flat_out.index_select(1, index).to(ct),
         flat_lse.index_select(1, index),
-        part_out.reshape(b, -1, d).to(out.dtype),
-        part_lse.reshape(b, -1).to(lse.dtype),
+        part_out.reshape(b, -1, d).to(ct),
+        part_lse.reshape(b, -1).to(ct),
     )
-    flat_out.index_copy_(1, index, merged_out)
+    flat_out.index_copy_(1, index, merged_out.to(out.dtype))
     flat_lse.index_copy_(1, index, merged_lse)
 
 

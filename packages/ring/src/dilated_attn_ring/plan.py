@@ -147,6 +147,15 @@ class RankPlan:
         )
 
     @property
+    def one_local_run(self) -> bool:
+        """True when one local run spans the whole chunk (pieces may still merge into its rows).
+
+        Then the local result and gradients stay in the input dtype: the run writes every row once and
+        the pieces merge into it in place, so no float32 copy of the chunk's output or gradients is held.
+        """
+        return len(self.local) == 1 and (self.local[0].start, self.local[0].stop) == (0, self.n_local)
+
+    @property
     def sent_pairs(self) -> int:
         """Selected (row, head) pairs of keys this rank sends in one forward (as many of values)."""
         return sum(self.pieces[send.piece].size for step in self.steps for send in step.sends)
