@@ -324,13 +324,17 @@ def _kernel_parser(sub: Any) -> None:
         "kernel",
         help="the Triton kernels on a GPU: correctness, TFLOP/s beside the segment ceiling, memory, longest runs",
         description="In one process: autotuning on the longnet-1m shape, correctness against the float64 "
-        "oracle at medium sizes, longnet-1m (bf16, b=1, n=2^20, h=16, d=64) forward and forward+backward "
-        "TFLOP/s beside the segment ceiling (cuDNN and flash SDPA on (n/2048, 16, 2048, 64)), the "
-        "head_groups forward beside the gather+SDPA path, peak memory beyond the inputs, and the longest "
-        "sequences that run. Prints markdown tables; --out gets every number as JSON. Needs CUDA and Triton.",
+        "oracle at medium sizes (under both dQ strategies), then every target row --runs times: longnet-1m "
+        "(bf16, b=1, n=2^20, h=16, d=64) exact and head_groups, causal and not, d=128 with 8 heads, and "
+        "n/4, forward and forward+backward TFLOP/s over the cuDNN segment ceiling of the same shape "
+        "(SDPA on (n/2048, h, 2048, d)); head_groups against the gather+SDPA path; the deterministic "
+        "backward against the default; memory beyond the inputs and gradients; the longest sequences "
+        "that run. Prints markdown tables with each target; --out gets every number as JSON. Needs CUDA "
+        "and Triton.",
     )
     k.add_argument("--out", type=Path, required=True, help="path of the JSON results")
     k.add_argument("--n", type=positive(int), default=1 << 20, help="sequence length of the throughput runs")
+    k.add_argument("--runs", type=positive(int), default=3, help="runs of every target row (median reported)")
     k.add_argument(
         "--longest",
         type=positive_ints,

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from dilated_attn.cache import metadata_cache
-from dilated_attn.kernels.backward import backward_launch, compute_delta
+from dilated_attn.kernels.backward import backward
 from dilated_attn.kernels.forward import forward_launch
 from dilated_attn.kernels.launches import LaunchPlan, plan_jobs
 from dilated_attn.pattern import PatternJob
@@ -98,16 +98,21 @@ def fused_backward(
     further contributions.
     """
     dout, q, k, v, out, lse = (t.contiguous() for t in (dout, q, k, v, out, lse))
-    h = q.shape[2]
-    plan = _launches(tuple(jobs), h)
-    dtype = q.dtype if grad_dtype is None else grad_dtype
-    make = torch.zeros if plan.needs_init else torch.empty
-    dq, dk, dv = (make(t.shape, dtype=dtype, device=t.device) for t in (q, k, v))
+    plan = _launches(tuple(jobs), q.shape[2])
     with _device_guard(q):
-        delta = compute_delta(out, dout, None if dlse is None else dlse.contiguous())
-        for launch in plan.launches:
-            backward_launch(dout, q, k, v, lse, delta, dq, dk, dv, launch, causal=causal, scale=scale)
-    return dq, dk, dv
+        return backward(
+            dout,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            None if dlse is None else dlse.contiguous(),
+            plan,
+            causal=causal,
+            scale=scale,
+            grad_dtype=grad_dtype,
+        )
 
 
 __all__ = ["fused_backward", "fused_forward"]

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from dilated_attn.kernels.backward import backward_launch, compute_delta
+from dilated_attn.kernels.backward import backward
 from dilated_attn.kernels.forward import forward_launch
 from dilated_attn.kernels.launches import plan_launches
 
@@ -85,14 +85,19 @@ def triton_bwd(
     dout, q, k, v, out, lse = (t.contiguous() for t in (dout, q, k, v, out, lse))
     _, n, h, _ = q.shape
     plan = plan_launches(n, h, segment_lengths, dilation_rates, mode, k.shape[2])
-    make = torch.zeros_like if plan.needs_init else torch.empty_like
-    make_kv = torch.zeros_like if plan.kv_needs_init else torch.empty_like
-    dq, dk, dv = make(q), make_kv(k), make_kv(v)
     with _device_guard(q):
-        delta = compute_delta(out, dout, None if dlse is None else dlse.contiguous())
-        for launch in plan.launches:
-            backward_launch(dout, q, k, v, lse, delta, dq, dk, dv, launch, causal=causal, scale=scale)
-    return dq, dk, dv
+        return backward(
+            dout,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            None if dlse is None else dlse.contiguous(),
+            plan,
+            causal=causal,
+            scale=scale,
+        )
 
 
 @triton_bwd.register_fake
