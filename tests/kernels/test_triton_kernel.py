@@ -298,39 +298,6 @@ def test_interpreted_tensor_descriptors_grouped_kv_heads(shape, kv_heads, w, r, 
     _check(shape, w, r, mode=mode, causal=causal, dtype=torch.float16, device="cpu", kv_heads=kv_heads)
 
 
-@interpreted
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize(
-    "shape, kv_heads, w, r, mode",
-    [(shape, None, w, r, mode) for shape, w, r, mode in INTERPRETED_CASES] + [GQA_CASES[1], GQA_CASES[4]],
-)
-def test_interpreted_atomic_dq_matches_oracle(shape, kv_heads, w, r, mode, dtype, causal, monkeypatch):
-    # dQ added with float32 atomics by the dK/dV kernel (no dQ kernel), through every pattern.
-    from dilated_attn.kernels import backward
-
-    monkeypatch.setenv(tuning.DQ_ENV, "atomic")
-    launched = []
-    real = backward._dq_tuned
-    monkeypatch.setattr(backward, "_dq_tuned", launched)  # indexing a list with a grid fails loudly
-    _check(shape, w, r, mode=mode, causal=causal, dtype=dtype, device="cpu", kv_heads=kv_heads)
-    assert backward._dq_tuned is launched and real is not launched
-
-
-def test_dq_strategy_setting(monkeypatch):
-    q = torch.zeros(1, 4, 1, 16)
-    monkeypatch.delenv(tuning.DQ_ENV, raising=False)
-    assert not tuning.atomic_dq(q)
-    monkeypatch.setenv(tuning.DQ_ENV, "atomic")
-    assert tuning.atomic_dq(q)
-    # Deterministic algorithms always get the dQ kernel (a fixed summation order).
-    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    assert not tuning.atomic_dq(q)
-    monkeypatch.setenv(tuning.DQ_ENV, "fast")
-    with pytest.raises(ValueError, match="DILATED_ATTN_TRITON_DQ='fast' must be one of"):
-        tuning.atomic_dq(q)
-
-
 def test_tensor_descriptor_eligibility(monkeypatch):
     half = torch.empty(2, 8, 2, 64, dtype=torch.float16)
     monkeypatch.setenv(tuning.TMA_ENV, "1")
@@ -546,11 +513,9 @@ def test_cuda_grouped_kv_heads_match_oracle(causal):
 
 
 @cuda
-@pytest.mark.parametrize("strategy", ["recompute", "atomic"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_cuda_dq_strategies_match_oracle(strategy, causal, dtype, monkeypatch):
-    monkeypatch.setenv(tuning.DQ_ENV, strategy)
+def test_cuda_odd_lengths_and_grouped_d128_match_oracle(causal, dtype):
     # r = 3 does not divide 1000; n odd; d = 128 and grouped K/V in the second call.
     _check(
         (2, 3001, 4, 64),
@@ -574,8 +539,7 @@ def test_cuda_dq_strategies_match_oracle(strategy, causal, dtype, monkeypatch):
 
 
 @cuda
-def test_cuda_recompute_backward_is_bitwise_deterministic(monkeypatch):
-    monkeypatch.delenv(tuning.DQ_ENV, raising=False)
+def test_cuda_backward_is_bitwise_deterministic():
     g = torch.Generator().manual_seed(3)
     q, k, v, dout = (torch.randn(1, 8191, 8, 64, generator=g).cuda().bfloat16() for _ in range(4))
     grads = []

@@ -324,7 +324,7 @@ def _kernel_parser(sub: Any) -> None:
         "kernel",
         help="the Triton kernels on a GPU: correctness, TFLOP/s beside the segment ceiling, memory, longest runs",
         description="In one process: autotuning on the longnet-1m shape, correctness against the float64 "
-        "oracle at medium sizes (under both dQ strategies), then every target row --runs times: longnet-1m "
+        "oracle at medium sizes, then every target row --runs times: longnet-1m "
         "(bf16, b=1, n=2^20, h=16, d=64) exact and head_groups, causal and not, d=128 with 8 heads, and "
         "n/4, forward and forward+backward TFLOP/s over the cuDNN segment ceiling of the same shape "
         "(SDPA on (n/2048, h, 2048, d)); head_groups against the gather+SDPA path; the deterministic "

@@ -30,6 +30,7 @@ from dilated_attn import DilationPattern, dilated_attention
 from dilated_attn.reference import dilated_attention_reference
 from dilated_attn.tolerances import TOLERANCES, relative_error
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm.auto import tqdm
 
 from dilated_attn_bench.cli import VARIANT_TILES, UsageError, writable_file
 from dilated_attn_bench.timing import time_calls
@@ -172,7 +173,7 @@ def ceiling(
 
 def correctness() -> list[dict[str, Any]]:
     """Forward, LSE and gradients against the float64 oracle: odd lengths, r not dividing w, both
-    modes, causal and not, fp16/bf16/fp32, d = 32/64/128/256, under each dQ strategy."""
+    modes, causal and not, fp16/bf16/fp32, d = 32/64/128/256."""
     cases = [
         ((1, 4096, 8, 64), (256, 512, 1024, 2048, 4096), DILATIONS, torch.bfloat16),
         ((2, 3001, 6, 64), (256, 512, 1000, 3001), (1, 2, 3, 8), torch.bfloat16),
@@ -185,16 +186,11 @@ def correctness() -> list[dict[str, Any]]:
         ((1, 1537, 4, 32), (512, 1537), (1, 5), torch.bfloat16),
     ]
     rows = []
-    for strategy in DQ_STRATEGIES:
-        with _dq_strategy(strategy):
-            for shape, w, r, dtype in cases:
-                for mode in ("longnet", "head_groups"):
-                    for causal in (False, True):
-                        label = (
-                            f"{tuple(shape)} w={w} r={r} {str(dtype).removeprefix('torch.')} {mode}"
-                            f"{' causal' if causal else ''} dQ {strategy}"
-                        )
-                        rows.append({"case": label, **_guarded(_check, shape, w, r, dtype, mode, causal)})
+    for shape, w, r, dtype in cases:
+        for mode in ("longnet", "head_groups"):
+            for causal in (False, True):
+                label = f"{tuple(shape)} w={w} r={r} {str(dtype).removeprefix('torch.')} {mode}{' causal' if causal else ''}"
+                rows.append({"case": label, **_guarded(_check, shape, w, r, dtype, mode, causal)})
     return rows
 
 
@@ -361,26 +357,6 @@ TARGET_ROWS: tuple[tuple[str, str, bool, int, int, int, float | None, float | No
 SHORT_TOLERANCE = 0.03
 HEAD_GROUPS_VS_GATHER = (1.5, 3.0)
 DETERMINISTIC_SLOWDOWN = 1.15
-DQ_STRATEGIES = ("recompute", "atomic")
-
-
-@contextlib.contextmanager
-def _dq_strategy(strategy: str | None) -> Iterator[None]:
-    """Run with ``DILATED_ATTN_TRITON_DQ`` set to ``strategy`` (``None``: the default)."""
-    from dilated_attn.kernels.tuning import DQ_ENV
-
-    saved = os.environ.get(DQ_ENV)
-    if strategy is None:
-        os.environ.pop(DQ_ENV, None)
-    else:
-        os.environ[DQ_ENV] = strategy
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(DQ_ENV, None)
-        else:
-            os.environ[DQ_ENV] = saved
 
 
 @contextlib.contextmanager
@@ -396,14 +372,11 @@ def _deterministic() -> Iterator[None]:
 def target_rows(n: int, runs: int) -> dict[str, Any]:
     """Every row of the fused-kernel targets, ``runs`` times, each ratio against a ceiling timed beside it.
 
-    Forward+backward is timed under each dQ strategy (``DQ_STRATEGIES``); a row's ``fwd_bwd`` ratio is
-    the default strategy's. Also: head_groups against the gather+SDPA path, the deterministic backward
-    against the default, and memory beyond the inputs and gradients per strategy.
+    Also: head_groups against the gather+SDPA path, the backward under
+    ``torch.use_deterministic_algorithms`` against the default, and memory beyond the inputs and gradients.
     """
-    from dilated_attn.kernels.tuning import atomic_dq
-
-    default = "atomic" if atomic_dq(torch.empty(0)) else "recompute"
     rows: dict[str, Any] = {}
+    progress = tqdm(total=(len(TARGET_ROWS) + 1) * runs, desc="target rows", unit="run")
     for label, mode, causal, heads, head_dim, divisor, fwd_target, bwd_target in TARGET_ROWS:
         length = n // divisor
         shape = {"causal": causal, "heads": heads, "head_dim": head_dim}
@@ -419,27 +392,17 @@ def target_rows(n: int, runs: int) -> dict[str, Any]:
                 "ceiling_fwd": _guarded(ceiling, length, SDPBackend.CUDNN_ATTENTION, grad=False, **shape),
                 "ceiling_fwd_bwd": _guarded(ceiling, length, SDPBackend.CUDNN_ATTENTION, grad=True, **shape),
                 "fwd": _guarded(throughput, length, mode, "triton", grad=False, **shape),
+                "fwd_bwd": _guarded(throughput, length, mode, "triton", grad=True, **shape),
             }
-            for strategy in DQ_STRATEGIES:
-                with _dq_strategy(strategy):
-                    run[f"fwd_bwd_{strategy}"] = _guarded(
-                        throughput, length, mode, "triton", grad=True, **shape
-                    )
             run["ratio_fwd"] = _ratio(run["fwd"], run["ceiling_fwd"])
-            for strategy in DQ_STRATEGIES:
-                run[f"ratio_fwd_bwd_{strategy}"] = _ratio(run[f"fwd_bwd_{strategy}"], run["ceiling_fwd_bwd"])
-            run["ratio_fwd_bwd"] = run[f"ratio_fwd_bwd_{default}"]
+            run["ratio_fwd_bwd"] = _ratio(run["fwd_bwd"], run["ceiling_fwd_bwd"])
             row["runs"].append(run)
-            print(
-                f"{label}: fwd {run['ratio_fwd']}, fwd+bwd "
-                + ", ".join(f"{x} {run[f'ratio_fwd_bwd_{x}']}" for x in DQ_STRATEGIES),
-                flush=True,
-            )
-        for key in ("ratio_fwd", *(f"ratio_fwd_bwd_{x}" for x in DQ_STRATEGIES), "ratio_fwd_bwd"):
+            progress.update()
+        for key in ("ratio_fwd", "ratio_fwd_bwd"):
             row[key] = _median([r[key] for r in row["runs"]])
         rows[label] = row
 
-    extra: dict[str, Any] = {"default_dq": default, "head_groups_vs_gather": [], "deterministic": []}
+    extra: dict[str, Any] = {"head_groups_vs_gather": [], "deterministic": []}
     for _ in range(runs):
         ours_fwd = _guarded(throughput, n, "head_groups", "triton", grad=False)
         ours_bwd = _guarded(throughput, n, "head_groups", "triton", grad=True)
@@ -454,12 +417,12 @@ def target_rows(n: int, runs: int) -> dict[str, Any]:
             det = _guarded(throughput, n, "longnet", "triton", grad=True)
         slowdown = det["ms"] / fast["ms"] if "ms" in det and "ms" in fast else None
         extra["deterministic"].append({"default": fast, "deterministic": det, "slowdown": slowdown})
+        progress.update()
     extra["head_groups_fwd_vs_gather"] = _median([x["fwd"] for x in extra["head_groups_vs_gather"]])
     extra["head_groups_fwd_bwd_vs_gather"] = _median([x["fwd_bwd"] for x in extra["head_groups_vs_gather"]])
     extra["deterministic_slowdown"] = _median([x["slowdown"] for x in extra["deterministic"]])
-    for strategy in DQ_STRATEGIES:
-        with _dq_strategy(strategy):
-            extra[f"memory_fwd_bwd_{strategy}"] = _guarded(peak_memory, n, grad=True)
+    extra["memory_fwd_bwd"] = _guarded(peak_memory, n, grad=True)
+    progress.close()
     return {"rows": rows, **extra}
 
 
@@ -479,48 +442,40 @@ def _verdict(value: float | None, target: float | None, *, at_most: bool = False
 
 def print_targets(targets: dict[str, Any]) -> None:
     rows = targets["rows"]
-    print(
-        f"\n| row | fwd / ceiling | fwd+bwd / ceiling ({targets['default_dq']} dQ) | "
-        + " | ".join(f"fwd+bwd, {x} dQ" for x in DQ_STRATEGIES)
-        + " | runs (fwd; fwd+bwd) |\n|---|---|---|"
-        + "---|" * len(DQ_STRATEGIES)
-        + "---|"
-    )
+    print("\n| row | fwd / ceiling | fwd+bwd / ceiling | runs (fwd, fwd+bwd) |\n|---|---|---|---|")
     first = next(iter(rows.values()))
     for label, row in rows.items():
         fwd_t, bwd_t = row["targets"]
-        fwd, bwd = _verdict(row["ratio_fwd"], fwd_t), _verdict(row["ratio_fwd_bwd"], bwd_t)
-        if fwd_t is None and row["ratio_fwd"] is not None and first["ratio_fwd"] is not None:
-            for key, name in (("ratio_fwd", "fwd"), ("ratio_fwd_bwd", "bwd")):
-                gap = abs(row[key] - first[key]) if row[key] is not None and first[key] is not None else None
-                text = "n/a" if gap is None else (
-                    f"{row[key]:.3f} (gap {gap:.3f} <= {SHORT_TOLERANCE}: {'met' if gap <= SHORT_TOLERANCE else 'MISSED'})"
-                )  # fmt: skip
-                fwd, bwd = (text, bwd) if name == "fwd" else (fwd, text)
+        cells = [_verdict(row["ratio_fwd"], fwd_t), _verdict(row["ratio_fwd_bwd"], bwd_t)]
+        if fwd_t is None:
+            # No targets of its own: within SHORT_TOLERANCE of the first row's ratios.
+            for i, key in enumerate(("ratio_fwd", "ratio_fwd_bwd")):
+                if row[key] is not None and first[key] is not None:
+                    gap = abs(row[key] - first[key])
+                    verdict = "met" if gap <= SHORT_TOLERANCE else "MISSED"
+                    cells[i] = f"{row[key]:.3f} (gap {gap:.3f} <= {SHORT_TOLERANCE}: {verdict})"
         runs = "; ".join(f"{_num(r['ratio_fwd'])}, {_num(r['ratio_fwd_bwd'])}" for r in row["runs"])
-        per = " | ".join(_num(row[f"ratio_fwd_bwd_{x}"]) for x in DQ_STRATEGIES)
-        print(f"| {label} (n={row['n']}) | {fwd} | {bwd} | {per} | {runs} |")
+        print(f"| {label} (n={row['n']}) | {cells[0]} | {cells[1]} | {runs} |")
     fwd_goal, bwd_goal = HEAD_GROUPS_VS_GATHER
     print(
         f"\nhead_groups / gather+SDPA head_groups: fwd {_verdict(targets['head_groups_fwd_vs_gather'], fwd_goal)}, "
         f"fwd+bwd {_verdict(targets['head_groups_fwd_bwd_vs_gather'], bwd_goal)}"
     )
     print(
-        "deterministic backward (torch.use_deterministic_algorithms) / default, fwd+bwd time: "
+        "fwd+bwd under torch.use_deterministic_algorithms / default (the backward is deterministic either way): "
         + _verdict(targets["deterministic_slowdown"], DETERMINISTIC_SLOWDOWN, at_most=True)
     )
-    for strategy in DQ_STRATEGIES:
-        record = targets[f"memory_fwd_bwd_{strategy}"]
-        print(
-            f"fwd+bwd memory beyond inputs and gradients, {strategy} dQ: "
-            + (
-                f"{record['beyond_grads_mib']:.0f} MiB, "
-                + _verdict(record["beyond_grads_ratio"], 1.5, at_most=True)
-                + " x output"
-                if record.get("status") == "ok"
-                else record.get("status", "?")
-            )
+    record = targets["memory_fwd_bwd"]
+    print(
+        "fwd+bwd memory beyond inputs and gradients: "
+        + (
+            f"{record['beyond_grads_mib']:.0f} MiB, "
+            + _verdict(record["beyond_grads_ratio"], 1.5, at_most=True)
+            + " x output"
+            if record.get("status") == "ok"
+            else record.get("status", "?")
         )
+    )
 
 
 def _num(value: float | None) -> str:

@@ -32,7 +32,6 @@ from dilated_attn.kernels.geometry import (
 )
 from dilated_attn.kernels.launches import Launch, LaunchPlan
 from dilated_attn.kernels.tuning import (
-    atomic_dq,
     configs_for,
     dot_precision,
     head_dim_pad,
@@ -77,7 +76,6 @@ def _dkdv_block(
     v,
     q_src,
     do_src,
-    dq_ptr,
     lse_block,
     delta_block,
     tile_offs,
@@ -96,7 +94,6 @@ def _dkdv_block(
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
 ):
     q_rows = start_n + offs_n
     offs = start_n * row_stride + tile_offs
@@ -121,12 +118,6 @@ def _dkdv_block(
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     dsT = pT * (dpT - delta[None, :])
     dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
-    if ATOMIC_DQ:
-        # This key block's share of dQ (unscaled), added into the float32 accumulator: one product
-        # here instead of recomputing P and dP in a dQ kernel. Rows past the head's are masked.
-        dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PRECISION)
-        dq_mask = (q_rows[:, None] < rows) & (offs_d[None, :] < HEAD_DIM)
-        tl.atomic_add(dq_ptr + offs, dq, mask=dq_mask, sem="relaxed")
     return dk, dv
 
 
@@ -138,7 +129,6 @@ def _dkdv_blocks(
     v,
     q_src,
     do_src,
-    dq_ptr,
     lse_block,
     delta_block,
     tile_offs,
@@ -159,7 +149,6 @@ def _dkdv_blocks(
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
 ):
     """The query blocks from ``lo`` up to ``hi`` of one head."""
     for start_n in range(lo, hi, BLOCK_N):
@@ -170,7 +159,6 @@ def _dkdv_blocks(
             v,
             q_src,
             do_src,
-            dq_ptr,
             lse_block,
             delta_block,
             tile_offs,
@@ -189,7 +177,6 @@ def _dkdv_blocks(
             CAUSAL,
             DOT_PRECISION,
             USE_TMA,
-            ATOMIC_DQ,
         )
     return dk, dv
 
@@ -202,7 +189,6 @@ def _dkdv_heads_blocks(
     v,
     q_ptr,
     do_ptr,
-    dq_ptr,
     lse_block,
     delta_block,
     tile_offs,
@@ -226,7 +212,6 @@ def _dkdv_heads_blocks(
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
 ):
     """The query blocks from ``lo`` up to ``hi`` of ``count`` heads (``head_step`` elements apart in
     Q and dO, ``lse_head_step`` in the LSE and D), heads outer, as one flat loop: a loop over heads
@@ -245,7 +230,6 @@ def _dkdv_heads_blocks(
             v,
             q_src,
             do_src,
-            dq_ptr + i * head_step,
             lse_block + i * lse_head_step,
             delta_block + i * lse_head_step,
             tile_offs,
@@ -264,7 +248,6 @@ def _dkdv_heads_blocks(
             CAUSAL,
             DOT_PRECISION,
             USE_TMA,
-            ATOMIC_DQ,
         )
     return dk, dv
 
@@ -280,7 +263,6 @@ def _dkdv_kernel(
     DELTA,
     DK,
     DV,
-    DQACC,
     stride_b,
     stride_n,
     stride_h,
@@ -307,7 +289,6 @@ def _dkdv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
 ):
     # This program owns BLOCK_M key rows and walks the query rows that see them, BLOCK_N at a time.
     batch, head, seg, start_m = program_coords(max_rows, num_segments, num_heads, head0, BLOCK_M)
@@ -360,7 +341,6 @@ def _dkdv_kernel(
                 v,
                 q_src,
                 do_src,
-                DQACC + base,
                 LSE + lse_base,
                 DELTA + lse_base,
                 tile_offs,
@@ -381,7 +361,6 @@ def _dkdv_kernel(
                 DOT_PRECISION,
                 BLOCK_N,
                 USE_TMA,
-                ATOMIC_DQ,
             )
             dk, dv = _dkdv_blocks(
                 dk,
@@ -390,7 +369,6 @@ def _dkdv_kernel(
                 v,
                 q_src,
                 do_src,
-                DQACC + base,
                 LSE + lse_base,
                 DELTA + lse_base,
                 tile_offs,
@@ -411,7 +389,6 @@ def _dkdv_kernel(
                 DOT_PRECISION,
                 BLOCK_N,
                 USE_TMA,
-                ATOMIC_DQ,
             )
             dk, dv = _dkdv_blocks(
                 dk,
@@ -420,7 +397,6 @@ def _dkdv_kernel(
                 v,
                 q_src,
                 do_src,
-                DQACC + base,
                 LSE + lse_base,
                 DELTA + lse_base,
                 tile_offs,
@@ -441,7 +417,6 @@ def _dkdv_kernel(
                 DOT_PRECISION,
                 BLOCK_N,
                 USE_TMA,
-                ATOMIC_DQ,
             )
         else:
             # Heads r apart lie r * d elements apart in Q and dO and r apart in the LSE and D.
@@ -454,7 +429,6 @@ def _dkdv_kernel(
                 v,
                 Q + base,
                 DO + base,
-                DQACC + base,
                 LSE + lse_base,
                 DELTA + lse_base,
                 tile_offs,
@@ -478,7 +452,6 @@ def _dkdv_kernel(
                 DOT_PRECISION,
                 BLOCK_N,
                 USE_TMA,
-                ATOMIC_DQ,
             )
             dk, dv = _dkdv_heads_blocks(
                 dk,
@@ -487,7 +460,6 @@ def _dkdv_kernel(
                 v,
                 Q + base,
                 DO + base,
-                DQACC + base,
                 LSE + lse_base,
                 DELTA + lse_base,
                 tile_offs,
@@ -511,7 +483,6 @@ def _dkdv_kernel(
                 DOT_PRECISION,
                 BLOCK_N,
                 USE_TMA,
-                ATOMIC_DQ,
             )
             dk, dv = _dkdv_heads_blocks(
                 dk,
@@ -520,7 +491,6 @@ def _dkdv_kernel(
                 v,
                 Q + base,
                 DO + base,
-                DQACC + base,
                 LSE + lse_base,
                 DELTA + lse_base,
                 tile_offs,
@@ -544,7 +514,6 @@ def _dkdv_kernel(
                 DOT_PRECISION,
                 BLOCK_N,
                 USE_TMA,
-                ATOMIC_DQ,
             )
         dk *= scale
         if ACCUMULATE:
@@ -717,13 +686,10 @@ def _dq_kernel(
         tl.store(DQ + base + row_offs, dq.to(DQ.dtype.element_ty), mask=row_mask)
 
 
-# With ATOMIC_DQ the kernel adds into DQACC: every candidate the tuner times starts from zeros, and
-# so does the chosen one's real run (the first launch of a call, before which DQACC is all zeros).
 _dkdv_tuned = triton.autotune(
     configs=configs_for("dkdv"),
-    key=["HEAD_DIM_PAD", "GROUP", "CAUSAL", "tune_class", "USE_TMA", "ATOMIC_DQ"],
+    key=["HEAD_DIM_PAD", "GROUP", "CAUSAL", "tune_class", "USE_TMA"],
     prune_configs_by={"early_config_prune": pruner("dkdv")},
-    reset_to_zero=["DQACC"],
 )(_dkdv_kernel)
 
 _dq_tuned = triton.autotune(
@@ -767,15 +733,11 @@ def backward_launch(
     *,
     causal: bool,
     scale: float,
-    atomic_dq: bool = False,
 ) -> None:
     """Add one pattern's gradients into ``dq, dk, dv`` (or write them, for a head's first launch).
 
-    ``q, dout`` contiguous ``(b, n, h, d)``, ``k, v, dk, dv`` contiguous ``(b, n, h_kv, d)`` with
+    ``q, dout, dq`` contiguous ``(b, n, h, d)``, ``k, v, dk, dv`` contiguous ``(b, n, h_kv, d)`` with
     ``h_kv`` dividing ``h``; ``lse`` (merged) and ``delta`` contiguous ``(b, n, h)`` float32.
-    ``dq`` is either like ``q`` (written or merged by a dQ kernel that recomputes the scores) or a
-    float32 accumulator like ``q`` (``atomic_dq=True``) that the dK/dV kernel adds the *unscaled*
-    ``dS K`` into with atomics; ``backward`` scales and casts it once all patterns have run.
     """
     b, n, h, d = q.shape
     max_rows = launch.max_rows()
@@ -816,27 +778,8 @@ def backward_launch(
         scale,
         tuning_class(b, n, h),
     )
-    if atomic_dq:
-        _dkdv_tuned[grid](
-            q, k, v, dout, lse, delta, dk, dv, dq, *geometry,
-            ACCUMULATE=launch.kv_accumulate, ATOMIC_DQ=True, **common,
-        )  # fmt: skip
-        return
-    _dkdv_tuned[grid](
-        q, k, v, dout, lse, delta, dk, dv, _dummy(q.device), *geometry,
-        ACCUMULATE=launch.kv_accumulate, ATOMIC_DQ=False, **common,
-    )  # fmt: skip
+    _dkdv_tuned[grid](q, k, v, dout, lse, delta, dk, dv, *geometry, ACCUMULATE=launch.kv_accumulate, **common)
     _dq_tuned[grid](q, k, v, dout, lse, delta, dq, *geometry, ACCUMULATE=launch.accumulate, **common)
-
-
-_DUMMIES: dict[torch.device, torch.Tensor] = {}
-
-
-def _dummy(device: torch.device) -> torch.Tensor:
-    """A one-element float32 tensor standing in for the dQ accumulator when there is none."""
-    if device not in _DUMMIES:
-        _DUMMIES[device] = torch.zeros(1, dtype=torch.float32, device=device)
-    return _DUMMIES[device]
 
 
 def backward(
@@ -856,22 +799,15 @@ def backward(
     """Every launch of ``plan`` backwards: ``(dq, dk, dv)`` in ``grad_dtype`` (default: ``q``'s).
 
     Contiguous inputs as ``backward_launch`` takes them; ``dlse=None`` when no gradient reaches the
-    LSE. dQ comes either from its own kernel per pattern (recomputing the scores; deterministic) or
-    from float32 atomics in the dK/dV kernel (``tuning.atomic_dq`` decides).
+    LSE. Each gradient row has one writer per launch and launches run in a fixed order, so the
+    result is bitwise reproducible run to run (``torch.use_deterministic_algorithms`` needs nothing else).
     """
     dtype = q.dtype if grad_dtype is None else grad_dtype
+    make = torch.zeros if plan.needs_init else torch.empty
     make_kv = torch.zeros if plan.kv_needs_init else torch.empty
+    dq = make(q.shape, dtype=dtype, device=q.device)
     dk, dv = (make_kv(t.shape, dtype=dtype, device=t.device) for t in (k, v))
-    atomic = atomic_dq(q)
-    if atomic:
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    else:
-        dq = (torch.zeros if plan.needs_init else torch.empty)(q.shape, dtype=dtype, device=q.device)
     delta = compute_delta(out, dout, dlse)
     for launch in plan.launches:
-        backward_launch(
-            dout, q, k, v, lse, delta, dq, dk, dv, launch, causal=causal, scale=scale, atomic_dq=atomic
-        )
-    if atomic:
-        dq = dq.mul_(scale).to(dtype)
+        backward_launch(dout, q, k, v, lse, delta, dq, dk, dv, launch, causal=causal, scale=scale)
     return dq, dk, dv

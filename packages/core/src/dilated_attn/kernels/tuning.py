@@ -17,7 +17,6 @@ import triton
 
 INTERPRET_ENV = "TRITON_INTERPRET"
 TMA_ENV = "DILATED_ATTN_TRITON_TMA"
-DQ_ENV = "DILATED_ATTN_TRITON_DQ"
 # Head sizes whose rows the tensor-memory accelerator copies whole (16-byte multiples, <= 256 bytes).
 _TMA_HEAD_DIMS = (16, 32, 64, 128)
 
@@ -90,20 +89,6 @@ def use_tma(*tensors: torch.Tensor, explicit_only: bool = False) -> bool:
     if setting == "1":
         return True
     return first.is_cuda and not interpreting() and torch.cuda.get_device_capability(first.device) >= (9, 0)
-
-
-def atomic_dq(q: torch.Tensor) -> bool:
-    """Whether the backward adds dQ into a float32 accumulator with atomics in the dK/dV kernel.
-
-    ``DILATED_ATTN_TRITON_DQ``: ``recompute`` (default: a dQ kernel per pattern recomputes the scores;
-    bitwise reproducible), ``atomic`` (5 block products per block pair instead of 7, plus a float32
-    ``(b, n, h, d)`` accumulator, i.e. 2x a 16-bit ``q``; sums in a run-dependent order).
-    ``torch.use_deterministic_algorithms(True)`` always gets ``recompute``.
-    """
-    setting = os.environ.get(DQ_ENV, "recompute").strip().lower()
-    if setting not in ("recompute", "atomic"):
-        raise ValueError(f"{DQ_ENV}={setting!r} must be one of 'recompute', 'atomic'")
-    return setting == "atomic" and not torch.are_deterministic_algorithms_enabled()
 
 
 def install_scratch_allocator(device: torch.device) -> None:
