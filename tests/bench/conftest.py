@@ -46,7 +46,7 @@ def register_plugin() -> Iterator[Callable[..., None]]:
 @pytest.fixture
 def usage_error(capsys: pytest.CaptureFixture[str]) -> Callable[..., str]:
     """``usage_error(argv, *needles)``: ``main(argv)`` ends as argparse does on a bad argument (exit
-    status 2, the last line of stderr ``dilated-attn-bench <command>: error: ...``, holding every
+    status 2, stderr one line ``dilated-attn-bench <command>: error: ...``, holding every
     needle, and no traceback); returns that line."""
     from dilated_attn_bench.cli import main
 
@@ -56,7 +56,9 @@ def usage_error(capsys: pytest.CaptureFixture[str]) -> Callable[..., str]:
         assert info.value.code == 2, info.value
         err = capsys.readouterr().err
         assert "Traceback" not in err
-        last = err.strip().splitlines()[-1]
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, err  # one line, no usage block
+        last = lines[0]
         assert last.startswith(f"dilated-attn-bench {argv[0]}: error: "), last
         for needle in needles:
             assert needle in last, (needle, last)

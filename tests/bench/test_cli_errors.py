@@ -277,6 +277,14 @@ def test_gpu_studies_refuse_a_cpu_machine(usage_error, tmp_path, command):
         (["flex-tuning", "--out", "f.json", "--kinds", "nope"], "not a pattern kind"),
         (["ring", "--out", "r.json", "--iters", "0"], "argument --iters:"),
         (["ring", "--out", "r.json", "--warmup", "inf"], "argument --warmup:"),
+        (["ring", "--out", "r.json", "--longest", "0M"], ("argument --longest:", "positive token count")),
+        (["ring", "--out", "r.json", "--longest", "4G"], ("argument --longest:", "'4G'")),
+        (
+            ["kernel", "--out", "k.json", "--sections", "targets,speed"],
+            ("argument --sections:", "correctness"),
+        ),
+        (["kernel", "--out", "k.json", "--sections", ","], "argument --sections:"),
+        (["kernel", "--out", "k.json", "--runs", "0"], "argument --runs:"),
         (["pool", "--budget-mb", "nan"], "argument --budget-mb:"),
         (["pool", "--pairs", "-3"], "argument --pairs:"),
         (["pool", "--seq", "64,,-1"], "argument --seq:"),
@@ -284,7 +292,8 @@ def test_gpu_studies_refuse_a_cpu_machine(usage_error, tmp_path, command):
     ],
 )
 def test_study_arguments(usage_error, argv, needle):
-    usage_error(argv, needle)
+    needles = needle if isinstance(needle, tuple) else (needle,)
+    usage_error(argv, *needles)
 
 
 HEAVY = ("torch", "matplotlib", "dilated_attn", "numpy", "triton")

@@ -239,3 +239,12 @@ def test_compile_sees_no_lock_and_no_bookkeeping(monkeypatch) -> None:
     torch.testing.assert_close(compiled(x), scaled(x), rtol=0, atol=0)
     stats = region.stats()
     assert (stats["misses"], stats["hits"]) == (1, 0)
+
+
+@pytest.mark.parametrize("argv", [["nope"], [], ["cache", "--bogus"]])
+def test_module_cli_errors_are_one_line(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m dilated_attn: error: "), lines

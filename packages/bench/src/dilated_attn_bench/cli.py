@@ -19,7 +19,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from dilated_attn_bench.choices import (
     CPU_DEFAULT_PRESETS,
@@ -74,6 +74,20 @@ def non_negative(kind: type[int] | type[float]) -> Callable[[str], Any]:
 
     parse.__name__ = f"non-negative {kind.__name__}"
     return parse
+
+
+KERNEL_SECTIONS = ("correctness", "targets", "comparisons", "longest")
+
+
+def kernel_sections(text: str) -> list[str]:
+    """Comma-separated names of the kernel study's sections, each one of ``KERNEL_SECTIONS``."""
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [name for name in names if name not in KERNEL_SECTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: sections must be a non-empty comma-separated list of {', '.join(KERNEL_SECTIONS)}"
+        )
+    return names
 
 
 def token_counts(text: str) -> list[int]:
@@ -336,6 +350,13 @@ def _kernel_parser(sub: Any) -> None:
     k.add_argument("--n", type=positive(int), default=1 << 20, help="sequence length of the throughput runs")
     k.add_argument("--runs", type=positive(int), default=3, help="runs of every target row (median reported)")
     k.add_argument(
+        "--sections",
+        type=kernel_sections,
+        default=list(KERNEL_SECTIONS),
+        help=f"comma-separated parts to run, of {','.join(KERNEL_SECTIONS)} (default all; the whole run "
+        "takes over 10 minutes on an H200, so split it where a job has a time limit)",
+    )
+    k.add_argument(
         "--longest",
         type=positive_ints,
         default=[2097152, 4194304, 8388608],
@@ -528,8 +549,15 @@ def _gqa_parser(sub: Any) -> None:
     g.set_defaults(command="dilated_attn_bench.gqa:main")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (``prog: error: ...``) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=PROG,
         description="Benchmark every registered dilated-attention backend against dense and segment "
         "baselines, and the studies of the kernels, pools, block-sparse and ring attention.",

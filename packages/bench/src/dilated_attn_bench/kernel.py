@@ -370,13 +370,9 @@ def _deterministic() -> Iterator[None]:
 
 
 def target_rows(n: int, runs: int) -> dict[str, Any]:
-    """Every row of the fused-kernel targets, ``runs`` times, each ratio against a ceiling timed beside it.
-
-    Also: head_groups against the gather+SDPA path, the backward under
-    ``torch.use_deterministic_algorithms`` against the default, and memory beyond the inputs and gradients.
-    """
+    """Every row of the fused-kernel targets, ``runs`` times, each ratio against a ceiling timed beside it."""
     rows: dict[str, Any] = {}
-    progress = tqdm(total=(len(TARGET_ROWS) + 1) * runs, desc="target rows", unit="run")
+    progress = tqdm(total=len(TARGET_ROWS) * runs, desc="target rows", unit="run")
     for label, mode, causal, heads, head_dim, divisor, fwd_target, bwd_target in TARGET_ROWS:
         length = n // divisor
         shape = {"causal": causal, "heads": heads, "head_dim": head_dim}
@@ -401,7 +397,14 @@ def target_rows(n: int, runs: int) -> dict[str, Any]:
         for key in ("ratio_fwd", "ratio_fwd_bwd"):
             row[key] = _median([r[key] for r in row["runs"]])
         rows[label] = row
+    progress.close()
+    return rows
 
+
+def comparisons(n: int, runs: int) -> dict[str, Any]:
+    """head_groups against the gather+SDPA path, the backward under ``torch.use_deterministic_algorithms``
+    against the default, ``runs`` times each; memory of forward+backward beyond the inputs and gradients."""
+    progress = tqdm(total=runs, desc="comparisons", unit="run")
     extra: dict[str, Any] = {"head_groups_vs_gather": [], "deterministic": []}
     for _ in range(runs):
         ours_fwd = _guarded(throughput, n, "head_groups", "triton", grad=False)
@@ -423,7 +426,7 @@ def target_rows(n: int, runs: int) -> dict[str, Any]:
     extra["deterministic_slowdown"] = _median([x["slowdown"] for x in extra["deterministic"]])
     extra["memory_fwd_bwd"] = _guarded(peak_memory, n, grad=True)
     progress.close()
-    return {"rows": rows, **extra}
+    return extra
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -440,8 +443,7 @@ def _verdict(value: float | None, target: float | None, *, at_most: bool = False
     return f"{value:.3f} ({'<=' if at_most else '>='} {target:g}: {'met' if ok else 'MISSED'})"
 
 
-def print_targets(targets: dict[str, Any]) -> None:
-    rows = targets["rows"]
+def print_targets(rows: dict[str, Any]) -> None:
     print("\n| row | fwd / ceiling | fwd+bwd / ceiling | runs (fwd, fwd+bwd) |\n|---|---|---|---|")
     first = next(iter(rows.values()))
     for label, row in rows.items():
@@ -456,6 +458,9 @@ def print_targets(targets: dict[str, Any]) -> None:
                     cells[i] = f"{row[key]:.3f} (gap {gap:.3f} <= {SHORT_TOLERANCE}: {verdict})"
         runs = "; ".join(f"{_num(r['ratio_fwd'])}, {_num(r['ratio_fwd_bwd'])}" for r in row["runs"])
         print(f"| {label} (n={row['n']}) | {cells[0]} | {cells[1]} | {runs} |")
+
+
+def print_comparisons(targets: dict[str, Any]) -> None:
     fwd_goal, bwd_goal = HEAD_GROUPS_VS_GATHER
     print(
         f"\nhead_groups / gather+SDPA head_groups: fwd {_verdict(targets['head_groups_fwd_vs_gather'], fwd_goal)}, "
@@ -534,49 +539,66 @@ def main(args: argparse.Namespace) -> int:
         },
     }
 
+    sections = set(args.sections)
     results["tuning_forward"] = _guarded(one_call, n, grad=False)
     results["tuning_forward_backward"] = _guarded(one_call, n, grad=True)
-    results["correctness"] = correctness()
-    results["sdpa_fwd"] = _guarded(throughput, n, "longnet", "sdpa", grad=False)
-    results["targets"] = target_rows(n, args.runs)
-    results["memory_fwd"] = _guarded(peak_memory, n, grad=False)
-    results["longest_fwd"] = longest(args.longest, grad=False)
-    results["longest_fwd_bwd"] = longest(args.longest, grad=True)
+    if "correctness" in sections:
+        results["correctness"] = correctness()
+    if "targets" in sections:
+        results["targets"] = target_rows(n, args.runs)
+    if "comparisons" in sections:
+        results["comparisons"] = comparisons(n, args.runs)
+        results["sdpa_fwd"] = _guarded(throughput, n, "longnet", "sdpa", grad=False)
+        results["exact_fwd"] = _guarded(throughput, n, "longnet", "triton", grad=False)
+        results["memory_fwd"] = _guarded(peak_memory, n, grad=False)
+    if "longest" in sections:
+        results["longest_fwd"] = longest(args.longest, grad=False)
+        results["longest_fwd_bwd"] = longest(args.longest, grad=True)
     results["tuned_configs"] = _guarded(tuned_configs)
-    exact = results["targets"]["rows"]["exact"]["runs"][0]
-    results["ratios"] = {"fwd_vs_sdpa_gather": _ratio(exact["fwd"], results["sdpa_fwd"])}
     with open(out, "w") as fh:
         json.dump(results, fh, indent=2, default=str)
     _print_table(results)
-    return 0 if all(row.get("passed") for row in results["correctness"]) else 1
+    return 0 if all(row.get("passed") for row in results.get("correctness", [])) else 1
 
 
 def _print_table(results: dict[str, Any]) -> None:
     print(
         f"\n{results['device']}, torch {results['torch']}, triton {results['triton']}, {results['date']}, n={results['n']}"
     )
-    failed = [row["case"] for row in results["correctness"] if not row.get("passed")]
-    print(
-        f"correctness vs float64 oracle: {len(results['correctness']) - len(failed)}/{len(results['correctness'])} passed"
-    )
-    for case in failed:
-        print(f"  FAILED {case}")
-    print_targets(results["targets"])
-    print(f"exact forward / gather+SDPA exact forward: {_num(results['ratios']['fwd_vs_sdpa_gather'])}")
-    record = results["memory_fwd"]
-    print(
-        f"forward memory beyond inputs: {_fmt(record, 'extra_mib', 0)} MiB, "
-        + (_verdict(record["ratio"], 1.5, at_most=True) if record.get("status") == "ok" else "")
-        + " x output"
-    )
-    print("\n| longest runs | n | s | peak GiB | status |\n|---|---|---|---|---|")
-    for key in ("longest_fwd", "longest_fwd_bwd"):
-        for row in results[key]:
-            print(
-                f"| {key} | {row['n']} | {_fmt(row, 's', 2)} | {_fmt(row, 'peak_gib', 1)} | {row['status']} |"
-            )
-    longest_bwd = max((row["n"] for row in results["longest_fwd_bwd"] if row["status"] == "ok"), default=0)
-    print(f"longest fwd+bwd: {longest_bwd} tokens ({'met' if longest_bwd >= 8 << 20 else 'MISSED'}: >= 8M)")
+    if "correctness" in results:
+        failed = [row["case"] for row in results["correctness"] if not row.get("passed")]
+        print(
+            f"correctness vs float64 oracle: {len(results['correctness']) - len(failed)}/"
+            f"{len(results['correctness'])} passed"
+        )
+        for case in failed:
+            print(f"  FAILED {case}")
+    if "targets" in results:
+        print_targets(results["targets"])
+    if "comparisons" in results:
+        print_comparisons(results["comparisons"])
+        print(
+            f"exact forward / gather+SDPA exact forward: {_num(_ratio(results['exact_fwd'], results['sdpa_fwd']))}"
+        )
+        record = results["memory_fwd"]
+        print(
+            f"forward memory beyond inputs: {_fmt(record, 'extra_mib', 0)} MiB, "
+            + (_verdict(record["ratio"], 1.5, at_most=True) if record.get("status") == "ok" else "")
+            + " x output"
+        )
+    if "longest_fwd" in results:
+        print("\n| longest runs | n | s | peak GiB | status |\n|---|---|---|---|---|")
+        for key in ("longest_fwd", "longest_fwd_bwd"):
+            for row in results[key]:
+                print(
+                    f"| {key} | {row['n']} | {_fmt(row, 's', 2)} | {_fmt(row, 'peak_gib', 1)} | {row['status']} |"
+                )
+        longest_bwd = max(
+            (row["n"] for row in results["longest_fwd_bwd"] if row["status"] == "ok"), default=0
+        )
+        print(
+            f"longest fwd+bwd: {longest_bwd} tokens ({'met' if longest_bwd >= 8 << 20 else 'MISSED'}: >= 8M)"
+        )
     configs = results["tuned_configs"].get("configs", {})
     for name, text in configs.items():
         print(f"tuned {name}: {text}")

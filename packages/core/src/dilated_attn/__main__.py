@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from dilated_attn.registry import get_registry
 
@@ -95,8 +95,15 @@ def _cache(as_json: bool) -> int:
     return 0
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Errors in one line (``prog: error: ...``), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dilated_attn", description=__doc__)
+    parser = _OneLineParser(prog="python -m dilated_attn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     plugins = sub.add_parser("plugins", help="list attention backends and buffer pools with their sources")
     plugins.add_argument("--json", action="store_true", help="print JSON instead of a table")
