@@ -77,6 +77,42 @@ def test_in_test_plugin_used_by_name_and_unregistered():
     assert "recorder" not in registry.backends()
 
 
+def test_concurrent_registration_keeps_every_plugin():
+    import threading
+
+    def plugin(i):
+        class One:
+            @hookimpl
+            def dilated_attn_register_attention(self, register):
+                register(f"concurrent-{i}", lambda *a, **k: None, devices=("cpu",), auto=False)
+
+        return One()
+
+    registry = get_registry()
+    names, errors = [], []
+    barrier = threading.Barrier(8)
+
+    def add(i):
+        barrier.wait()
+        try:
+            names.append(registry.register(plugin(i), name=f"concurrent-plugin-{i}"))
+        except Exception as exc:  # collected: a thread's exception would otherwise vanish
+            errors.append(exc)
+
+    threads = [threading.Thread(target=add, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert not errors
+        assert {f"concurrent-{i}" for i in range(8)} <= set(registry.backends())
+    finally:
+        for name in names:
+            registry.unregister(name)
+    assert not any(n.startswith("concurrent-") for n in registry.backends())
+
+
 def test_duplicate_names_are_refused():
     class Dup:
         @hookimpl

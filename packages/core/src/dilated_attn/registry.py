@@ -261,6 +261,9 @@ class Registry:
         self._failures: list[PluginFailure] = []
         self._backends: dict[str, AttentionBackend] = {}
         self._pools: dict[str, PoolFactory] = {}
+        # register/unregister mutate the plugin manager and re-resolve as one step; readers see the
+        # old or the new tables (each swapped in whole), never a half-built one.
+        self._mutex = threading.RLock()
         self._resolve()
 
     @property
@@ -315,8 +318,12 @@ class Registry:
         """Add a plugin object and re-resolve; returns the name to pass to :meth:`unregister`.
 
         Unlike entry-point plugins, a plugin added here that breaks a rule raises (the caller is
-        right there to see it) and is not kept.
+        right there to see it) and is not kept. Thread-safe.
         """
+        with self._mutex:
+            return self._register(plugin, name)
+
+    def _register(self, plugin: object, name: str | None) -> str:
         registered = self._pm.register(plugin, name=name)
         if registered is None:
             raise ValueError(f"plugin {name or plugin!r} is blocked or already registered")
@@ -335,8 +342,10 @@ class Registry:
         return registered
 
     def unregister(self, name: str) -> None:
-        self._pm.unregister(name=name)
-        self._resolve()
+        """Remove a plugin added by :meth:`register` and re-resolve. Thread-safe."""
+        with self._mutex:
+            self._pm.unregister(name=name)
+            self._resolve()
 
     def failures(self) -> list[PluginFailure]:
         """Plugins that were skipped, with the step that failed and the error."""
