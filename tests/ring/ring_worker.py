@@ -82,6 +82,14 @@ def cases(world: int) -> dict[str, Case]:
             out[_name(geometry, mode, causal, "-float32")] = Case(m, w, r, h, mode, causal, "float32")
     m, w, r, h = GEOMETRIES["larger"]
     out["larger-longnet-causal-bfloat16"] = Case(m, w, r, h, "longnet", True, "bfloat16", head_dim=16)
+    # One local run over the whole chunk with pieces merged into it: the chunk's output and gradients
+    # stay 16-bit and the pieces merge in place (float32 piece accumulators, one rounding per merge).
+    m, w, r, h = GEOMETRIES["spanning"]
+    for dtype in ("bfloat16", "float16"):
+        for mode, causal in VARIANTS:
+            out[_name("spanning", mode, causal, f"-{dtype}")] = Case(
+                m, w, r, h, mode, causal, dtype, 2, head_dim=16
+            )
     if world == 4:
         out["larger-longnet-causal-strided"] = Case(m, w, r, h, "longnet", True, groups="strided")
         out["larger-head_groups-strided"] = Case(m, w, r, h, "head_groups", False, groups="strided")

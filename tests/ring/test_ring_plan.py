@@ -143,14 +143,14 @@ def test_segments_dividing_the_chunk_need_no_transfers(world: int, m: int, causa
     pattern = DilationPattern(divisors, [min(w, 2) for w in divisors])
     jobs = jobs_for(pattern, world * m, 4, "longnet")
     for plan in _plans(jobs, m, world, causal):
-        assert plan.covers_chunk and not plan.steps
+        assert plan.one_local_run and not plan.pieces and not plan.steps
 
 
 def test_one_rank_runs_everything_locally() -> None:
     jobs = jobs_for(DilationPattern([3, 5, 100], [1, 2, 7]), 13, 3, "head_groups")
     plan = rank_plan(jobs, 13, 1, 0, False)
     assert not plan.pieces and not plan.steps
-    assert plan.covers_chunk and plan.local[0].jobs == jobs
+    assert plan.one_local_run and plan.local[0].jobs == jobs
 
 
 def test_whole_sequence_segment_reaches_every_rank() -> None:

@@ -358,9 +358,9 @@ def _kernel_parser(sub: Any) -> None:
     )
     k.add_argument(
         "--longest",
-        type=positive_ints,
-        default=[2097152, 4194304, 8388608],
-        help="lengths tried for the longest runs",
+        type=token_counts,
+        default=[2 << 20, 4 << 20, 8 << 20],
+        help="comma-separated lengths (suffix K or M) tried for the longest runs (default 2M,4M,8M)",
     )
     k.add_argument(
         "--variants",

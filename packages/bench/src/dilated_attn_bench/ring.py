@@ -230,12 +230,19 @@ def _scaling(
 TARGET_TIME, TARGET_PEAK, TARGET_LONGEST, TARGET_SPANNING = 1.10, 1.15, 6 << 20, 0.90
 
 
-def _verdict(value: float, target: float, *, at_most: bool = True) -> str:
+def _verdict(value: float, target: float | None, *, at_most: bool = True, unit: str = "") -> str:
+    """``value`` with its unit and, given a target, whether it meets it."""
+    text = f"{value:.3f}{unit}"
+    if target is None:
+        return text
     ok = value <= target if at_most else value >= target
-    return f"{value:.3f} ({'<=' if at_most else '>='} {target:.2f}: {'met' if ok else 'MISSED'})"
+    return f"{text} ({'<=' if at_most else '>='} {target:g}{unit}: {'met' if ok else 'MISSED'})"
 
 
-def _table(title: str, result: dict[str, Any], world: int) -> str:
+def _table(title: str, result: dict[str, Any], world: int, *, time_targets: bool = True) -> str:
+    """The runs of one scaling case; ``time_targets=False`` where the work per GPU grows with the
+    world (the spanning pattern), so time ratios are shown without a verdict."""
+    time_target = TARGET_TIME if time_targets else None
     lines = [
         title,
         f"{'run':<12} {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak GiB':>9} {'fwd TF/s':>9} {'f+b TF/s':>9}",
@@ -257,8 +264,8 @@ def _table(title: str, result: dict[str, Any], world: int) -> str:
                 f"peak memory {many['peak_gib'] / one['peak_gib']:.3f}"
             )
         lines.append(
-            f"ratio {world} GPUs / 1 GPU (core auto): fwd {_verdict(many['fwd_ms'] / core['fwd_ms'], TARGET_TIME)}, "
-            f"fwd+bwd {_verdict(many['fwd_bwd_ms'] / core['fwd_bwd_ms'], TARGET_TIME)}, "
+            f"ratio {world} GPUs / 1 GPU (core auto): fwd {_verdict(many['fwd_ms'] / core['fwd_ms'], time_target)}, "
+            f"fwd+bwd {_verdict(many['fwd_bwd_ms'] / core['fwd_bwd_ms'], time_target)}, "
             f"peak memory {_verdict(many['peak_gib'] / core['peak_gib'], TARGET_PEAK)}"
         )
     return "\n".join(lines)
@@ -274,45 +281,92 @@ def _spanning_line(base: dict[str, Any], spanning: dict[str, Any], world: int) -
     return f"spanning / local-only per-GPU TFLOP/s ({key}): " + ", ".join(parts)
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+def _all_ok(ok: bool, device: torch.device) -> bool:
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def _longest(rank: int, world: int, device: torch.device, sizes: list[int]) -> list[dict[str, Any]]:
-    """Forward+backward through the ring over every GPU at each local length; which ones fit."""
+    """Forward+backward through the ring over every GPU at each local length; which ones fit.
+
+    Sizes are multiples of the longest segment (checked by ``main``), so the call exchanges no pieces:
+    its one collective comes first, and a rank that runs out of memory after it leaves no peer waiting.
+    The ranks agree that every input was allocated before the call and on the outcome after it. Each
+    size runs twice when it fits: the first call's time (plan building, allocator growth) and the second's.
+    """
     rows = []
     for n_local in sizes:
         shape = (1, n_local, HEADS, HEAD_DIM)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        fits, ms, error = True, float("nan"), ""
+        times: list[float] = []
+        error = ""
+        tensors: list[torch.Tensor] = []
         try:
-            q, k, v = (
-                torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
-            )
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            ring_dilated_attention(q, k, v, LONGNET_W, LONGNET_R).backward(torch.ones_like(q))
-            end.record()
-            torch.cuda.synchronize()
-            ms = start.elapsed_time(end)
-        except torch.OutOfMemoryError as exc:
-            fits, error = False, str(exc).splitlines()[0]
-        q = k = v = None  # noqa: F841 - free before the next size
+            tensors = [torch.randn(shape, device=device, dtype=torch.bfloat16) for _ in range(4)]
+        except Exception as exc:
+            if not _out_of_memory(exc):
+                raise
+            error = str(exc).splitlines()[0]
+        fits = _all_ok(not error, device)
+        if fits:
+            q, k, v, dout = tensors
+            for t in (q, k, v):
+                t.requires_grad_()
+            try:
+                for _ in range(2):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    ring_dilated_attention(q, k, v, LONGNET_W, LONGNET_R).backward(dout)
+                    end.record()
+                    torch.cuda.synchronize()
+                    times.append(start.elapsed_time(end))
+                    for t in (q, k, v):
+                        t.grad = None
+            except Exception as exc:
+                if not _out_of_memory(exc):
+                    raise
+                error = str(exc).splitlines()[0]
+            q = k = v = dout = None  # noqa: F841 - free before the next size
+            fits = _all_ok(not error, device)
+        tensors = []
         torch.cuda.empty_cache()
-        # A rank that ran out of memory stops the others' collectives from meaning anything.
-        flag = torch.tensor([1.0 if fits else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         peak = _worst(torch.cuda.max_memory_allocated(device) / 2**30, dist.ReduceOp.MAX)
+        if not fits and not error:
+            error = "out of memory on another rank"
         rows.append(
-            {"n_local": n_local, "fits": bool(flag.item()), "ms": ms, "peak_gib": peak, "error": error}
+            {
+                "n_local": n_local,
+                "fits": fits,
+                "first_ms": times[0] if times else float("nan"),
+                "ms": times[1] if len(times) > 1 else float("nan"),
+                "peak_gib": peak,
+                "error": error,
+            }
         )
-        if not flag.item():
+        if not fits:
             break
     return rows
 
 
 def main(args: argparse.Namespace) -> int:
     """The ``ring`` command (arguments parsed by ``dilated_attn_bench.cli``); 1 when a check fails."""
+    writable_file("--out", args.out)
+    odd = [n for n in args.longest if n % max(LONGNET_W)]
+    if odd:
+        raise UsageError(
+            f"--longest sizes {odd} must be multiples of the longest segment, {max(LONGNET_W)} (so that "
+            "the probe exchanges no pieces and an out-of-memory rank leaves no peer waiting)"
+        )
     if not torch.cuda.is_available():
         raise UsageError("needs CUDA devices (NCCL)")
-    writable_file("--out", args.out)
     rank, world, device = _init()
     report: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -327,7 +381,16 @@ def main(args: argparse.Namespace) -> int:
             "head_dim": HEAD_DIM,
             **{
                 key: getattr(args, key)
-                for key in ("out", "n_local", "iters", "warmup", "no_spanning", "no_causal", "longest")
+                for key in (
+                    "out",
+                    "n_local",
+                    "iters",
+                    "warmup",
+                    "no_spanning",
+                    "no_causal",
+                    "no_ring_alone",
+                    "longest",
+                )
             },
         },
     }
@@ -365,19 +428,32 @@ def main(args: argparse.Namespace) -> int:
                 )
             )
         if "spanning" in report:
-            print(_table("longnet-1m + (w = n, r = 64) spanning every GPU", report["spanning"], world))
+            print(
+                _table(
+                    "longnet-1m + (w = n, r = 64) spanning every GPU",
+                    report["spanning"],
+                    world,
+                    time_targets=False,
+                )
+            )
             print(_spanning_line(report["longnet_1m"], report["spanning"], world))
         if "longest" in report:
             fit = [row["n_local"] for row in report["longest"] if row["fits"]]
             for row in report["longest"]:
                 state = (
-                    f"{row['ms']:.0f} ms, peak {row['peak_gib']:.1f} GiB"
+                    f"{row['ms']:.0f} ms (first call {row['first_ms']:.0f} ms), peak {row['peak_gib']:.1f} GiB"
                     if row["fits"]
                     else f"out of memory ({row['error'][:80]})"
                 )
                 print(f"fwd+bwd at {row['n_local']:>9} tokens per GPU ({world} GPUs): {state}")
             print(
-                f"longest fwd+bwd per GPU: {_verdict(max(fit, default=0) / (1 << 20), TARGET_LONGEST / (1 << 20), at_most=False)} M tokens"
+                "longest fwd+bwd per GPU: "
+                + _verdict(
+                    max(fit, default=0) / (1 << 20),
+                    TARGET_LONGEST / (1 << 20),
+                    at_most=False,
+                    unit="M tokens",
+                )
             )
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1, default=str)

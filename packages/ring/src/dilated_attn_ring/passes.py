@@ -129,8 +129,9 @@ def ring_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merged attention of this rank's rows: ``out`` ``(b, m, h, d)`` and ``lse`` ``(b, m, h)``.
 
-    Contiguous ``(b, m, h, d)`` inputs; results in float32 (float64 for float64 inputs), ``out`` in the
-    input dtype when one local run covers the chunk (nothing is merged into it).
+    Contiguous ``(b, m, h, d)`` inputs; ``lse`` in float32 (float64 for float64 inputs), ``out`` in the
+    input dtype when one local run covers the chunk (pieces then merge into it in place), else in
+    ``lse``'s dtype.
     """
     b, _, h, d = q.shape
     indices = [block_indices(piece, h, q.device) for piece in plan.pieces]

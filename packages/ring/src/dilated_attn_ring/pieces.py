@@ -37,9 +37,17 @@ def gather(x: torch.Tensor, index: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def scatter_add(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
-    """Add block ``values`` ``(b, H', count, d)`` into rows ``index`` of ``target`` ``(b, m, h, d)``."""
+    """Add block ``values`` ``(b, H', count, d)`` into rows ``index`` of ``target`` ``(b, m, h, d)``.
+
+    The indices of one block are distinct. A target of lower precision than ``values`` (16-bit
+    gradients, float32 piece sums) is added to in ``values``' dtype and rounded once, on the write.
+    """
     flat = _flat(target)
-    flat.index_add_(1, index, values.reshape(flat.shape[0], -1, flat.shape[-1]).to(target.dtype))
+    vals = values.reshape(flat.shape[0], -1, flat.shape[-1])
+    if vals.dtype == target.dtype:
+        flat.index_add_(1, index, vals)
+        return
+    flat.index_copy_(1, index, (flat.index_select(1, index).to(vals.dtype) + vals).to(target.dtype))
 
 
 def merge_into(

@@ -138,15 +138,6 @@ class RankPlan:
     steps: tuple[Step, ...]
 
     @property
-    def covers_chunk(self) -> bool:
-        """True when one local run holds every job over the whole chunk (no pieces, no transfers)."""
-        return (
-            not self.pieces
-            and len(self.local) == 1
-            and (self.local[0].start, self.local[0].stop) == (0, self.n_local)
-        )
-
-    @property
     def one_local_run(self) -> bool:
         """True when one local run spans the whole chunk (pieces may still merge into its rows).
 
