@@ -293,6 +293,20 @@ def _all_ok(ok: bool, device: torch.device) -> bool:
     return bool(flag.item())
 
 
+def _fwd_bwd_twice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor) -> list[float]:
+    """ms of two forward+backward calls through the ring on longnet-1m's pattern."""
+    times = []
+    for _ in range(2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        ring_dilated_attention(q, k, v, LONGNET_W, LONGNET_R).backward(dout)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+        q.grad = k.grad = v.grad = None
+    return times
+
+
 def _longest(rank: int, world: int, device: torch.device, sizes: list[int]) -> list[dict[str, Any]]:
     """Forward+backward through the ring over every GPU at each local length; which ones fit.
 
@@ -317,26 +331,16 @@ def _longest(rank: int, world: int, device: torch.device, sizes: list[int]) -> l
             error = str(exc).splitlines()[0]
         fits = _all_ok(not error, device)
         if fits:
-            q, k, v, dout = tensors
-            for t in (q, k, v):
+            for t in tensors[:3]:
                 t.requires_grad_()
             try:
-                for _ in range(2):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    ring_dilated_attention(q, k, v, LONGNET_W, LONGNET_R).backward(dout)
-                    end.record()
-                    torch.cuda.synchronize()
-                    times.append(start.elapsed_time(end))
-                    for t in (q, k, v):
-                        t.grad = None
+                times = _fwd_bwd_twice(*tensors)
             except Exception as exc:
                 if not _out_of_memory(exc):
                     raise
                 error = str(exc).splitlines()[0]
-            q = k = v = dout = None  # noqa: F841 - free before the next size
             fits = _all_ok(not error, device)
-        tensors = []
+        tensors = []  # free before the next size
         torch.cuda.empty_cache()
         peak = _worst(torch.cuda.max_memory_allocated(device) / 2**30, dist.ReduceOp.MAX)
         if not fits and not error:
