@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -175,12 +179,15 @@ def test_threads_share_one_budget(make_cache) -> None:
 def test_the_process_cache_reads_the_environment(monkeypatch) -> None:
     monkeypatch.setenv("DILATED_ATTN_CACHE_BYTES", "12_345")
     assert MetadataCache().budget_bytes == 12345
+    # Read at the budget's first use (regions are taken at import), so a bad value fails there.
     monkeypatch.setenv("DILATED_ATTN_CACHE_BYTES", "lots")
+    cache = MetadataCache()
+    cache.region("test.lazy")
     with pytest.raises(ValueError, match=r"DILATED_ATTN_CACHE_BYTES='lots' must be a whole number"):
-        MetadataCache()
+        cache.region("test.lazy").get_or_build("k", lambda: 1)
     monkeypatch.setenv("DILATED_ATTN_CACHE_BYTES", "-5")
     with pytest.raises(ValueError, match=r"DILATED_ATTN_CACHE_BYTES: budget_bytes=-5 must be >= 0"):
-        MetadataCache()
+        _ = MetadataCache().budget_bytes
 
 
 def test_process_cache_api_and_cli(monkeypatch, capsys) -> None:
@@ -248,3 +255,35 @@ def test_module_cli_errors_are_one_line(capsys, argv):
     assert info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("python -m dilated_attn: error: "), lines
+
+
+def test_a_bad_budget_fails_the_call_not_the_plugins(tmp_path) -> None:
+    # Modules take their cache regions at import: a bad DILATED_ATTN_CACHE_BYTES must not make the
+    # plugins' imports fail (they would be skipped with a warning about something else), but the
+    # first call that uses the cache, naming the variable; set_cache_budget still overrides it.
+    code = textwrap.dedent(
+        """
+        import warnings, torch
+        warnings.simplefilter("error")
+        from dilated_attn import dilated_attention
+        from dilated_attn.cache import set_cache_budget
+        from dilated_attn.registry import get_registry
+        registry = get_registry()
+        assert not registry.failures(), registry.failures()
+        q = torch.randn(1, 8, 2, 4)
+        try:
+            dilated_attention(q, q, q, [4], [1])
+        except ValueError as exc:
+            assert "DILATED_ATTN_CACHE_BYTES='64MB' must be a whole number" in str(exc), exc
+        else:
+            raise AssertionError("a bad budget was accepted")
+        set_cache_budget(1 << 20)
+        dilated_attention(q, q, q, [4], [1])
+        print("OK")
+        """
+    )
+    env = dict(os.environ, DILATED_ATTN_CACHE_BYTES="64MB")
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0 and "OK" in result.stdout, result.stdout + result.stderr

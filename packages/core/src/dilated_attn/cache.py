@@ -157,14 +157,15 @@ class MetadataCache:
     """Named regions over one LRU with one byte budget; ``dilated_attn.cache`` holds the process's.
 
     ``ledger`` makes the bookkeeping ledger from a budget (``None``: ``default_ledger_factory()``
-    at the first ``get_or_build``); ``budget_bytes`` ``None`` reads ``DILATED_ATTN_CACHE_BYTES``.
+    at the first ``get_or_build``); ``budget_bytes`` ``None`` reads ``DILATED_ATTN_CACHE_BYTES`` at
+    the first use of the budget, not here: modules take their regions at import, and a bad value must
+    fail the call that uses the cache, with its own message, not the import of a plugin.
     """
 
     def __init__(self, budget_bytes: int | None = None, *, ledger: LedgerFactory | None = None) -> None:
-        budget = (
-            _budget_from_env() if budget_bytes is None else check_cache_budget("MetadataCache", budget_bytes)
+        self._budget: int | None = (
+            None if budget_bytes is None else check_cache_budget("MetadataCache", budget_bytes)
         )
-        self._budget = budget
         self._ledger_factory = ledger
         self._ledger: CacheLedger | None = None
         self._lock = threading.Lock()
@@ -184,11 +185,24 @@ class MetadataCache:
 
     @property
     def budget_bytes(self) -> int:
-        return self._budget
+        return self._resolved_budget()
+
+    def _resolved_budget(self) -> int:
+        budget = self._budget
+        if budget is None:
+            budget = _budget_from_env()
+            with self._lock:
+                if self._budget is None:
+                    self._budget = budget
+                budget = self._budget
+        return budget
 
     def set_budget(self, nbytes: int) -> None:
         """A new byte budget; least recently used entries are evicted at once to fit it."""
         budget = check_cache_budget("set_cache_budget", nbytes)
+        with self._lock:
+            if self._ledger is None:
+                self._budget = budget  # so that a bad environment value is never read
         ledger = self._ready_ledger()
         with self._lock:
             self._budget = budget
@@ -213,7 +227,7 @@ class MetadataCache:
         total = {key: sum(r[key] for r in regions.values()) for key in REGION_STATS_KEYS}
         total["peak_bytes"] = ledger_stats["peak_bytes"]
         return {
-            "budget_bytes": self._budget,
+            "budget_bytes": self._resolved_budget(),
             "ledger": _ledger_name(ledger),
             "total": total,
             "regions": regions,
@@ -224,10 +238,11 @@ class MetadataCache:
         ledger = self._ledger
         if ledger is not None:
             return ledger
+        budget = self._resolved_budget()
         factory = self._ledger_factory or default_ledger_factory()
         with self._lock:
             if self._ledger is None:
-                self._ledger = factory(self._budget)
+                self._ledger = factory(budget)
             return self._ledger
 
     def _get_or_build(self, region: CacheRegion, key: Hashable, build: Callable[[], T], nbytes: NBytes) -> T:
