@@ -205,3 +205,29 @@ def test_ring_backend_refuses_cached_decoding() -> None:
     q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 4, 9, 8), torch.randn(1, 4, 9, 8)
     with pytest.raises(ValueError, match=r"\['backend'\]='ring' .*cached decoding"):
         dilated_attention_forward(_layer(backend="ring"), q, k, v, None)
+
+
+def test_decoding_rows_do_not_recompute_the_whole_sequence(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A causal call with t < n computes only its t rows, over the window their segments reach (the
+    # full-sequence path is never taken); a non-causal one still runs the full attention.
+    import dilated_attn_transformers.attention as attention
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the whole sequence was recomputed for a decoding step")
+
+    seen = []
+    real = attention.attention_at_positions
+
+    def spy(q, k, v, pos_q, pos_k, *rest):  # type: ignore[no-untyped-def]
+        seen.append((pos_q.tolist(), pos_k.min().item(), pos_k.max().item()))
+        return real(q, k, v, pos_q, pos_k, *rest)
+
+    monkeypatch.setattr(attention, "dilated_attention", forbidden)
+    monkeypatch.setattr(attention, "attention_at_positions", spy)
+    b, h, n, d = 1, 4, 40, 8
+    q, k, v = (torch.randn(b, h, m, d) for m in (1, n, n))
+    out, _ = dilated_attention_forward(_layer(), q, k, v, DilatedMask(key_padding_mask=None, causal=True))
+    # Position 39 lies in segments [36, 40), [32, 40) and [32, 48) of w = 4, 8, 16: keys from 32 on.
+    assert seen == [([39], 32, 39)] and out.shape == (b, 1, h, d)
+    with pytest.raises(AssertionError, match="recomputed"):
+        dilated_attention_forward(_layer(), q, k, v, DilatedMask(key_padding_mask=None, causal=False))

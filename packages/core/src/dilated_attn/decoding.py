@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from dilated_attn.kvcache import DilatedKVCache
+from dilated_attn.pattern import DilationPattern
 
 # Scores of the portable path are computed for at most this many (head, query, key) entries at once.
 _WINDOW_ENTRIES = 1 << 25
@@ -125,15 +126,17 @@ def _store(k: torch.Tensor, v: torch.Tensor, cache: DilatedKVCache) -> None:
     cache.lengths += t
 
 
-def _multiplicity(cache: DilatedKVCache, pos_q: torch.Tensor, pos_k: torch.Tensor) -> torch.Tensor:
-    """``c`` of SPEC 1a for query positions ``pos_q`` and key positions ``pos_k``: ``(h, nq, nk)``."""
-    h = cache.num_query_heads
+def multiplicity(
+    pattern: DilationPattern, mode: str, num_heads: int, pos_q: torch.Tensor, pos_k: torch.Tensor
+) -> torch.Tensor:
+    """``c`` of SPEC 1a, causal, for query positions ``pos_q`` and key positions ``pos_k``: ``(h, nq, nk)``
+    int32, the number of patterns through which each query head reaches each key (0: it does not)."""
+    h = num_heads
     heads = torch.arange(h, device=pos_q.device)
     count = torch.zeros(h, pos_q.numel(), pos_k.numel(), dtype=torch.int32, device=pos_q.device)
     causal = pos_k[None, :] <= pos_q[:, None]
     for (w, r), head_set in zip(
-        zip(cache.pattern.segment_lengths, cache.pattern.dilation_rates),
-        cache.pattern.head_sets(h, cache.mode),
+        zip(pattern.segment_lengths, pattern.dilation_rates), pattern.head_sets(h, mode)
     ):
         # A sequence shorter than w is one segment [0, n): the same as segment 0 of length w.
         same = (pos_q // w)[:, None] == (pos_k // w)[None, :]
@@ -147,20 +150,63 @@ def _multiplicity(cache: DilatedKVCache, pos_q: torch.Tensor, pos_k: torch.Tenso
     return count
 
 
+def window_start(pattern: DilationPattern, first_query: int) -> int:
+    """The earliest key position a causal query at ``first_query`` or later can see: the earliest
+    start of its segments (every key it sees lies in one of them)."""
+    return min(first_query // w * w for w in pattern.segment_lengths)
+
+
+def attention_at_positions(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pos_q: torch.Tensor,
+    pos_k: torch.Tensor,
+    pattern: DilationPattern,
+    mode: str,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal dilated attention of queries ``q`` ``(h, nq, d)`` at positions ``pos_q`` over keys and
+    values ``(h_kv, nk, d)`` at positions ``pos_k`` (``h_kv`` dividing ``h``), which must include every
+    key the queries reach: scores carry the bias ``log c`` of SPEC 1a, so keys that no pattern reaches
+    get no weight and keys reached twice count twice. Differentiable.
+
+    Returns ``out`` ``(h, nq, d)`` and ``lse`` ``(h, nq)`` in float32 (float64 for float64 inputs);
+    a query that reaches no key gets 0 and ``-inf``.
+    """
+    h = q.shape[0]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group = h // k.shape[0]
+    k_all, v_all = (x.to(acc).repeat_interleave(group, dim=0) for x in (k, v))
+    q_acc = q.to(acc)
+    step = max(1, _WINDOW_ENTRIES // (h * max(1, pos_k.numel())))
+    outs, lses = [], []
+    for u0 in range(0, q.shape[1], step):
+        u1 = min(q.shape[1], u0 + step)
+        count = multiplicity(pattern, mode, h, pos_q[u0:u1], pos_k)
+        scores = scale * (q_acc[:, u0:u1] @ k_all.transpose(1, 2)) + torch.log(count.to(acc))
+        # Queries that reach no key: scores replaced before the softmax, so that no -inf - -inf (NaN)
+        # reaches the gradients; their output is 0 and their LSE -inf.
+        reach = (count > 0).any(dim=-1, keepdim=True)
+        scores = torch.where(reach, scores, 0.0)
+        row_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        probs = torch.where(reach, torch.exp(scores - row_lse), 0.0)
+        outs.append(probs @ v_all)
+        lses.append(torch.where(reach, row_lse, float("-inf")).squeeze(-1))
+    return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
+
+
 def _window_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: DilatedKVCache, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each sequence's queries over the window of positions any of them can see, bias ``log c``."""
     b, t, h, d = q.shape
-    group = h // cache.num_heads
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.empty_like(q)
     lse = torch.empty(b, t, h, dtype=acc_dtype, device=q.device)
     for i in range(b):
         length = cache._host_lengths[i]
-        # Every key a query at p >= length sees lies in its segment of some pattern, so at or after
-        # the earliest current segment start.
-        first = min(length // w * w for w in cache.pattern.segment_lengths)
+        first = window_start(cache.pattern, length)
         old = torch.arange(first, length, device=q.device)
         phase = old % cache.table_length
         slots = cache.slots[:, phase].long()  # (h_kv, n_old); -1: never stored
@@ -171,21 +217,19 @@ def _window_attention(
         for half, new in ((0, k), (1, v)):
             # Dead rows are selected away, never multiplied away: they may hold anything, NaN included.
             cached = torch.where(alive[..., None], rows[half][slots.clamp(min=0)], 0)  # (h_kv, n_old, d)
-            keys.append(torch.cat([cached, new[i].transpose(0, 1)], dim=1).to(acc_dtype))
-        k_win, v_win = (x.repeat_interleave(group, dim=0) for x in keys)  # (h, n_win, d)
-        pos_k = torch.arange(first, length + t, device=q.device)
-        q_i = q[i].transpose(0, 1).to(acc_dtype)  # (h, t, d)
-        step = max(1, _WINDOW_ENTRIES // (h * pos_k.numel()))
-        for u0 in range(0, t, step):
-            u1 = min(t, u0 + step)
-            pos_q = torch.arange(length + u0, length + u1, device=q.device)
-            bias = torch.log(_multiplicity(cache, pos_q, pos_k).to(acc_dtype))
-            scores = scale * (q_i[:, u0:u1] @ k_win.transpose(1, 2)) + bias
-            row_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-            empty = torch.isneginf(row_lse)
-            probs = torch.where(empty, 0.0, torch.exp(scores - torch.where(empty, 0.0, row_lse)))
-            out[i, u0:u1] = (probs @ v_win).transpose(0, 1).to(q.dtype)
-            lse[i, u0:u1] = row_lse.squeeze(-1).transpose(0, 1)
+            keys.append(torch.cat([cached, new[i].transpose(0, 1)], dim=1))
+        o, l = attention_at_positions(
+            q[i].transpose(0, 1),
+            keys[0],
+            keys[1],
+            torch.arange(length, length + t, device=q.device),
+            torch.arange(first, length + t, device=q.device),
+            cache.pattern,
+            cache.mode,
+            scale,
+        )
+        out[i] = o.transpose(0, 1).to(q.dtype)
+        lse[i] = l.transpose(0, 1)
     _store(k, v, cache)
     return out, lse
 

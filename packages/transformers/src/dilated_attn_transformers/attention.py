@@ -12,9 +12,12 @@ the same prompt unpadded does. Padded query rows output 0.
 
 Decoding. Causal dilated attention is prefix-consistent and each output row depends on its own query
 only, so ``t`` new queries over ``n`` cached keys are rows ``[n - t, n)`` of the attention over length
-``n`` with every other query row set to 0. Each step thus recomputes the attention over all ``n``
-positions of the model's own ``DynamicCache``; ``dilated_attn.DilatedKVCache``, which keeps only the
-keys the pattern can still reach, will replace it.
+``n``. A causal call with ``t < n`` (a decoding step, a later prefill chunk) computes just those rows:
+each query over the keys of its segments (at most the longest segment before it), with the
+multiplicity bias of SPEC 1a (``dilated_attn.decoding.attention_at_positions``), so a step costs the
+pattern's window, not the whole sequence. The keys still come from the model's own ``DynamicCache``,
+which holds every position; ``dilated_attn.DilatedKVCache`` (only the keys the pattern can still reach)
+is not wired into transformers' cache classes.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from dilated_attn import dilated_attention
+from dilated_attn import DilationPattern, dilated_attention
+from dilated_attn.decoding import attention_at_positions, window_start
 
 from dilated_attn_transformers.config import CONFIG_KEY, dilated_attention_config
 from dilated_attn_transformers.masking import DilatedMask
@@ -121,6 +125,8 @@ def dilated_attention_forward(
             key_padding_mask=padded,
         )
 
+    if t < n and causal and not dropout:
+        return _last_rows(q, k, v, padded, settings.pattern, settings.mode, scaling), None
     if padded is None:
         if t == n:
             return attend(q, k, v, None), None
@@ -138,3 +144,44 @@ def dilated_attention_forward(
     out = attend(placed, _gather_rows(k, order), _gather_rows(v, order), padded.gather(1, order))
     out = _gather_rows(out, slot)
     return out.masked_fill(padded[:, n - t :, None, None], 0.0), None
+
+
+def _last_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    padded: torch.Tensor | None,
+    pattern: DilationPattern,
+    mode: str,
+    scale: float | None,
+) -> torch.Tensor:
+    """Causal attention of the last ``t`` positions only: ``q`` ``(b, t, h, d)`` over ``k, v``
+    ``(b, n, h_kv, d)``. Each row's tokens are numbered among its non-padded ones; padded queries give 0."""
+    b, t, h, d = q.shape
+    n = k.shape[1]
+    scale = d**-0.5 if scale is None else float(scale)
+    out = q.new_zeros(b, t, h, d)
+    for row in range(b):
+        keep = torch.ones(n, dtype=torch.bool, device=q.device) if padded is None else ~padded[row]
+        tokens = keep.nonzero().squeeze(1)  # raw index of each token, in order
+        queries = keep[n - t :].nonzero().squeeze(1)  # which of the t slots hold tokens
+        if queries.numel() == 0:
+            continue
+        place = torch.cumsum(keep.long(), 0) - 1  # a token's position among its row's tokens
+        pos_q = place[n - t + queries]
+        first = window_start(pattern, int(pos_q.min()))
+        last = int(pos_q.max())
+        pos_k = torch.arange(first, last + 1, device=q.device)
+        raw = tokens[first : last + 1]
+        o, _ = attention_at_positions(
+            q[row, queries].transpose(0, 1),
+            k[row, raw].transpose(0, 1),
+            v[row, raw].transpose(0, 1),
+            pos_q,
+            pos_k,
+            pattern,
+            mode,
+            scale,
+        )
+        out[row, queries] = o.transpose(0, 1).to(q.dtype)
+    return out
