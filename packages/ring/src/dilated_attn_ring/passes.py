@@ -113,7 +113,7 @@ def _post_kv(
     return transfer, bufs
 
 
-def _blocks(x: torch.Tensor, piece: Piece, indices: list[torch.Tensor]) -> list[torch.Tensor]:
+def _blocks(x: torch.Tensor, piece: Piece, indices: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
     return [gather(x, index, len(blk.heads)) for blk, index in zip(piece.blocks, indices)]
 
 

@@ -9,20 +9,35 @@ and values travel in one flat buffer per piece, block after block, each block st
 from __future__ import annotations
 
 import torch
+from dilated_attn.cache import metadata_cache
 from dilated_attn.ops import merge_lse
 
 from dilated_attn_ring.plan import Piece
 
+_INDICES = metadata_cache("ring.piece_indices")
 
-def block_indices(piece: Piece, num_heads: int, device: torch.device) -> list[torch.Tensor]:
-    """Per block, ``(H' * count,)`` indices of its (row, head) pairs in the chunk as ``(m * h)`` rows."""
+
+def block_indices(piece: Piece, num_heads: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Per block, ``(H' * count,)`` indices of its (row, head) pairs in the chunk as ``(m * h)`` rows.
+
+    Built once per (piece, heads, device) and kept in the metadata cache, so a forward or backward
+    makes no index tensor and no host-to-device copy.
+    """
+    return _INDICES.get_or_build(
+        (piece, num_heads, device),
+        lambda: _build_indices(piece, num_heads, device),
+        nbytes=lambda out: sum(t.nbytes for t in out) + 128 * len(out),
+    )
+
+
+def _build_indices(piece: Piece, num_heads: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     out = []
     for blk in piece.blocks:
         firsts = torch.tensor(blk.firsts, dtype=torch.int64)
         heads = torch.tensor(blk.heads, dtype=torch.int64)
         rows = firsts[:, None] + piece.dilation * torch.arange(blk.count, dtype=torch.int64)[None, :]
         out.append((rows * num_heads + heads[:, None]).reshape(-1).to(device))
-    return out
+    return tuple(out)
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +102,9 @@ def kv_blocks(buf: torch.Tensor, piece: Piece, batch: int, head_dim: int) -> lis
     return views
 
 
-def pack_kv(k: torch.Tensor, v: torch.Tensor, piece: Piece, indices: list[torch.Tensor]) -> torch.Tensor:
+def pack_kv(
+    k: torch.Tensor, v: torch.Tensor, piece: Piece, indices: tuple[torch.Tensor, ...]
+) -> torch.Tensor:
     """The flat key/value buffer of ``piece`` gathered from the chunk's ``k, v`` ``(b, m, h, d)``."""
     b, d = k.shape[0], k.shape[-1]
     buf = torch.empty(kv_numel(piece, b, d), dtype=k.dtype, device=k.device)

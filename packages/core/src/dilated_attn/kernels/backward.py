@@ -33,6 +33,7 @@ from dilated_attn.kernels.geometry import (
 from dilated_attn.kernels.launches import Launch, LaunchPlan
 from dilated_attn.kernels.tuning import (
     configs_for,
+    device_guard,
     dot_precision,
     head_dim_pad,
     install_scratch_allocator,
@@ -798,16 +799,20 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every launch of ``plan`` backwards: ``(dq, dk, dv)`` in ``grad_dtype`` (default: ``q``'s).
 
-    Contiguous inputs as ``backward_launch`` takes them; ``dlse=None`` when no gradient reaches the
-    LSE. Each gradient row has one writer per launch and launches run in a fixed order, so the
-    result is bitwise reproducible run to run (``torch.use_deterministic_algorithms`` needs nothing else).
+    Shapes as ``backward_launch`` takes them (made contiguous here); ``dlse=None`` when no gradient
+    reaches the LSE. Each gradient row has one writer per launch and launches run in a fixed order, so
+    the result is bitwise reproducible run to run (``torch.use_deterministic_algorithms`` needs nothing
+    else).
     """
+    dout, q, k, v, out, lse = (t.contiguous() for t in (dout, q, k, v, out, lse))
+    dlse = None if dlse is None else dlse.contiguous()
     dtype = q.dtype if grad_dtype is None else grad_dtype
     make = torch.zeros if plan.needs_init else torch.empty
     make_kv = torch.zeros if plan.kv_needs_init else torch.empty
     dq = make(q.shape, dtype=dtype, device=q.device)
     dk, dv = (make_kv(t.shape, dtype=dtype, device=t.device) for t in (k, v))
-    delta = compute_delta(out, dout, dlse)
-    for launch in plan.launches:
-        backward_launch(dout, q, k, v, lse, delta, dq, dk, dv, launch, causal=causal, scale=scale)
+    with device_guard(q):
+        delta = compute_delta(out, dout, dlse)
+        for launch in plan.launches:
+            backward_launch(dout, q, k, v, lse, delta, dq, dk, dv, launch, causal=causal, scale=scale)
     return dq, dk, dv

@@ -27,9 +27,10 @@ from dilated_attn.kernels.geometry import (
     row_geometry,
     row_source,
 )
-from dilated_attn.kernels.launches import Launch
+from dilated_attn.kernels.launches import Launch, LaunchPlan
 from dilated_attn.kernels.tuning import (
     configs_for,
+    device_guard,
     dot_precision,
     head_dim_pad,
     install_scratch_allocator,
@@ -295,3 +296,31 @@ def forward_launch(
         USE_TMA=tma,
         **launch_options,
     )
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: LaunchPlan,
+    *,
+    causal: bool,
+    scale: float,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every launch of ``plan``: ``out`` ``(b, n, h, d)`` in ``out_dtype`` (default: ``q``'s) and
+    ``lse`` ``(b, n, h)`` float32. Outputs start zeroed (``lse = -inf``) only when the plan leaves rows
+    unwritten, so rows no launch reaches give 0 and ``-inf``."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    b, n, h, _ = q.shape
+    dtype = q.dtype if out_dtype is None else out_dtype
+    if plan.needs_init:
+        out = torch.zeros(q.shape, dtype=dtype, device=q.device)
+        lse = torch.full((b, n, h), float("-inf"), dtype=torch.float32, device=q.device)
+    else:
+        out = torch.empty(q.shape, dtype=dtype, device=q.device)
+        lse = torch.empty((b, n, h), dtype=torch.float32, device=q.device)
+    with device_guard(q):
+        for launch in plan.launches:
+            forward_launch(q, k, v, out, lse, launch, causal=causal, scale=scale)
+    return out, lse

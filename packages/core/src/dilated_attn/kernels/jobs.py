@@ -12,14 +12,13 @@ autotuner, which re-runs the first launch it sees with a new key, never re-runs 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
 
 from dilated_attn.cache import metadata_cache
 from dilated_attn.kernels.backward import backward
-from dilated_attn.kernels.forward import forward_launch
+from dilated_attn.kernels.forward import forward
 from dilated_attn.kernels.launches import LaunchPlan, plan_jobs
 from dilated_attn.pattern import PatternJob
 
@@ -39,11 +38,6 @@ def _launches(jobs: tuple[PatternJob, ...], num_heads: int) -> LaunchPlan:
     )
 
 
-def _device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    # Triton launches on the current CUDA device, which need not be the tensors' device.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def fused_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -60,20 +54,9 @@ def fused_forward(
     result that more partial results will be merged into at full precision) and ``lse``
     ``(b, n, h)`` float32. Rows and heads no job selects get zero output and ``-inf`` LSE.
     """
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    b, n, h, _ = q.shape
-    plan = _launches(tuple(jobs), h)
-    dtype = q.dtype if out_dtype is None else out_dtype
-    if plan.needs_init:
-        out = torch.zeros(q.shape, dtype=dtype, device=q.device)
-        lse = torch.full((b, n, h), float("-inf"), dtype=torch.float32, device=q.device)
-    else:
-        out = torch.empty(q.shape, dtype=dtype, device=q.device)
-        lse = torch.empty((b, n, h), dtype=torch.float32, device=q.device)
-    with _device_guard(q):
-        for launch in plan.launches:
-            forward_launch(q, k, v, out, lse, launch, causal=causal, scale=scale)
-    return out, lse
+    return forward(
+        q, k, v, _launches(tuple(jobs), q.shape[2]), causal=causal, scale=scale, out_dtype=out_dtype
+    )
 
 
 def fused_backward(
@@ -97,22 +80,8 @@ def fused_backward(
     ``grad_dtype`` (default: the inputs' dtype); float32 keeps them exact for a caller that adds
     further contributions.
     """
-    dout, q, k, v, out, lse = (t.contiguous() for t in (dout, q, k, v, out, lse))
     plan = _launches(tuple(jobs), q.shape[2])
-    with _device_guard(q):
-        return backward(
-            dout,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            None if dlse is None else dlse.contiguous(),
-            plan,
-            causal=causal,
-            scale=scale,
-            grad_dtype=grad_dtype,
-        )
+    return backward(dout, q, k, v, out, lse, dlse, plan, causal=causal, scale=scale, grad_dtype=grad_dtype)
 
 
 __all__ = ["fused_backward", "fused_forward"]

@@ -8,6 +8,7 @@ into them, so re-running it while tuning is harmless and no output needs saving 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -89,6 +90,11 @@ def use_tma(*tensors: torch.Tensor, explicit_only: bool = False) -> bool:
     if setting == "1":
         return True
     return first.is_cuda and not interpreting() and torch.cuda.get_device_capability(first.device) >= (9, 0)
+
+
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device, which need not be the tensors': make it theirs."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def install_scratch_allocator(device: torch.device) -> None:
