@@ -174,24 +174,28 @@ def attention_at_positions(
     Returns ``out`` ``(h, nq, d)`` and ``lse`` ``(h, nq)`` in float32 (float64 for float64 inputs);
     a query that reaches no key gets 0 and ``-inf``.
     """
-    h = q.shape[0]
+    h, nq, d = q.shape
+    h_kv, nk = k.shape[0], k.shape[1]
+    group = h // h_kv
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    group = h // k.shape[0]
-    k_all, v_all = (x.to(acc).repeat_interleave(group, dim=0) for x in (k, v))
-    q_acc = q.to(acc)
-    step = max(1, _WINDOW_ENTRIES // (h * max(1, pos_k.numel())))
+    # The g query heads of a K/V head multiply its keys as one (g * nq)-row block: no K/V repeat.
+    q_acc = q.to(acc).reshape(h_kv, group * nq, d)
+    k_acc, v_acc = k.to(acc), v.to(acc)
+    step = max(1, _WINDOW_ENTRIES // (h * max(1, nk)))
     outs, lses = [], []
-    for u0 in range(0, q.shape[1], step):
-        u1 = min(q.shape[1], u0 + step)
+    for u0 in range(0, nq, step):
+        u1 = min(nq, u0 + step)
+        rows = q_acc.view(h_kv, group, nq, d)[:, :, u0:u1].reshape(h_kv, group * (u1 - u0), d)
         count = multiplicity(pattern, mode, h, pos_q[u0:u1], pos_k)
-        scores = scale * (q_acc[:, u0:u1] @ k_all.transpose(1, 2)) + torch.log(count.to(acc))
+        scores = (scale * (rows @ k_acc.transpose(1, 2))).view(h, u1 - u0, nk) + torch.log(count.to(acc))
         # Queries that reach no key: scores replaced before the softmax, so that no -inf - -inf (NaN)
         # reaches the gradients; their output is 0 and their LSE -inf.
         reach = (count > 0).any(dim=-1, keepdim=True)
         scores = torch.where(reach, scores, 0.0)
         row_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
         probs = torch.where(reach, torch.exp(scores - row_lse), 0.0)
-        outs.append(probs @ v_all)
+        out = probs.view(h_kv, group * (u1 - u0), nk) @ v_acc
+        outs.append(out.view(h, u1 - u0, d))
         lses.append(torch.where(reach, row_lse, float("-inf")).squeeze(-1))
     return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
 

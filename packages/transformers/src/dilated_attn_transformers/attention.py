@@ -162,21 +162,28 @@ def _last_rows(
     scale = d**-0.5 if scale is None else float(scale)
     out = q.new_zeros(b, t, h, d)
     for row in range(b):
-        keep = torch.ones(n, dtype=torch.bool, device=q.device) if padded is None else ~padded[row]
-        tokens = keep.nonzero().squeeze(1)  # raw index of each token, in order
-        queries = keep[n - t :].nonzero().squeeze(1)  # which of the t slots hold tokens
-        if queries.numel() == 0:
-            continue
-        place = torch.cumsum(keep.long(), 0) - 1  # a token's position among its row's tokens
-        pos_q = place[n - t + queries]
-        first = window_start(pattern, int(pos_q.min()))
-        last = int(pos_q.max())
-        pos_k = torch.arange(first, last + 1, device=q.device)
-        raw = tokens[first : last + 1]
+        if padded is None or not bool(padded[row].any()):
+            # Unpadded: positions are indices, the window a slice (a view, no gather).
+            pos_q = torch.arange(n - t, n, device=q.device)
+            first = window_start(pattern, n - t)
+            queries: torch.Tensor | slice = slice(None)
+            keys: torch.Tensor | slice = slice(first, n)
+            count = n - first
+        else:
+            keep = ~padded[row]
+            queries = keep[n - t :].nonzero().squeeze(1)  # which of the t slots hold tokens
+            if queries.numel() == 0:
+                continue
+            place = torch.cumsum(keep.long(), 0) - 1  # a token's position among its row's tokens
+            pos_q = place[n - t + queries]
+            first = window_start(pattern, int(pos_q.min()))
+            keys = keep.nonzero().squeeze(1)[first : int(pos_q.max()) + 1]  # raw indices, in order
+            count = keys.numel()
+        pos_k = torch.arange(first, first + count, device=q.device)
         o, _ = attention_at_positions(
             q[row, queries].transpose(0, 1),
-            k[row, raw].transpose(0, 1),
-            v[row, raw].transpose(0, 1),
+            k[row, keys].transpose(0, 1),
+            v[row, keys].transpose(0, 1),
             pos_q,
             pos_k,
             pattern,
