@@ -298,6 +298,62 @@ def test_interpreted_tensor_descriptors_grouped_kv_heads(shape, kv_heads, w, r, 
     _check(shape, w, r, mode=mode, causal=causal, dtype=torch.float16, device="cpu", kv_heads=kv_heads)
 
 
+@interpreted
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(
+    "shape, kv_heads, w, r, mode",
+    [(shape, None, w, r, mode) for shape, w, r, mode in INTERPRETED_CASES]
+    + [GQA_CASES[1], GQA_CASES[4]]
+    # segments of 16 and 32 in 150 tokens: the dQ accumulator covers 32 tokens at a time, then 22.
+    + [
+        ((2, 150, 3, 32), None, [16, 32], [1, 2], "longnet"),
+        ((1, 150, 4, 16), 2, [16, 32], [2, 4], "head_groups"),
+    ],
+)
+def test_interpreted_atomic_dq_matches_oracle(shape, kv_heads, w, r, mode, dtype, causal, monkeypatch):
+    # dQ added by the dK/dV kernel into a float32 accumulator (no dQ kernel), through every pattern.
+    from dilated_attn.kernels import backward
+
+    monkeypatch.setenv(backward.DQ_ENV, "atomic")
+    monkeypatch.setattr(backward, "_dq_tuned", [])  # indexing a list with a grid fails loudly
+    _check(shape, w, r, mode=mode, causal=causal, dtype=dtype, device="cpu", kv_heads=kv_heads)
+
+
+def test_dq_chunks_hold_whole_segments():
+    from dilated_attn.kernels.backward import DQ_CHUNKS, dq_chunk
+
+    plan = plan_launches(150, 3, [16, 32], [1, 2], "longnet")
+    assert dq_chunk(150, plan) == 32
+    plan = plan_launches(1 << 20, 16, [2048, 4096, 32768], [1, 2, 16], "longnet")
+    assert dq_chunk(1 << 20, plan) == (1 << 20) // DQ_CHUNKS
+    plan = plan_launches(3000, 2, [1000, 3000], [1, 3], "longnet")
+    assert dq_chunk(3000, plan) == 3000  # lcm(1000, 3000) covers it all
+    plan = plan_launches(100, 2, [60, 40], [1, 2], "longnet")
+    assert dq_chunk(100, plan) == 100  # lcm(60, 40) = 120 > n
+
+
+def test_dq_mode_setting(monkeypatch):
+    from dilated_attn.kernels.backward import DQ_ENV, dq_mode
+
+    q = torch.zeros(1, 4, 1, 16, dtype=torch.float16)
+    monkeypatch.delenv(DQ_ENV, raising=False)
+    assert dq_mode(q, q, q, q) == 0  # no CUDA tensor: no bulk reductions
+    monkeypatch.setenv(DQ_ENV, "atomic")
+    assert dq_mode(q, q, q, q) == 1
+    monkeypatch.setenv(DQ_ENV, "recompute")
+    assert dq_mode(q, q, q, q) == 0
+    # Deterministic algorithms always get the dQ kernel (a fixed summation order).
+    monkeypatch.setenv(DQ_ENV, "atomic")
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert dq_mode(q, q, q, q) == 0
+    monkeypatch.setenv(DQ_ENV, "fast")
+    with pytest.raises(
+        ValueError, match="DILATED_ATTN_TRITON_DQ='fast' must be one of 'auto', 'atomic', 'recompute'"
+    ):
+        dq_mode(q, q, q, q)
+
+
 def test_tensor_descriptor_eligibility(monkeypatch):
     half = torch.empty(2, 8, 2, 64, dtype=torch.float16)
     monkeypatch.setenv(tuning.TMA_ENV, "1")
@@ -539,14 +595,55 @@ def test_cuda_odd_lengths_and_grouped_d128_match_oracle(causal, dtype):
 
 
 @cuda
-def test_cuda_backward_is_bitwise_deterministic():
+@pytest.mark.parametrize("strategy", ["auto", "recompute", "atomic"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cuda_dq_strategies_match_oracle(strategy, causal, dtype, monkeypatch):
+    from dilated_attn.kernels.backward import DQ_ENV
+
+    monkeypatch.setenv(DQ_ENV, strategy)
+    # Five dQ accumulator chunks (segments up to 1024 in 4099 tokens), r = 3 not dividing 512.
+    _check(
+        (2, 4099, 4, 64),
+        [256, 512, 1024],
+        [1, 3, 4],
+        mode="longnet",
+        causal=causal,
+        dtype=dtype,
+        device="cuda",
+    )
+    _check(
+        (1, 2049, 8, 128),
+        [256, 1024],
+        [1, 2],
+        mode="head_groups",
+        causal=causal,
+        dtype=dtype,
+        device="cuda",
+        kv_heads=2,
+    )
+    _check((1, 1537, 4, 32), [512, 1537], [2, 4], mode="longnet", causal=causal, dtype=dtype, device="cuda")
+
+
+@cuda
+@pytest.mark.parametrize("how", ["deterministic algorithms", "recompute"])
+def test_cuda_backward_is_bitwise_deterministic(how, monkeypatch):
+    from dilated_attn.kernels.backward import DQ_ENV
+
+    if how == "recompute":
+        monkeypatch.setenv(DQ_ENV, "recompute")
     g = torch.Generator().manual_seed(3)
     q, k, v, dout = (torch.randn(1, 8191, 8, 64, generator=g).cuda().bfloat16() for _ in range(4))
     grads = []
-    for _ in range(3):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = triton_dilated_attention(*leaves, [512, 2048, 8191], [1, 2, 4], causal=True)
-        grads.append(torch.autograd.grad(out, leaves, dout))
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(how == "deterministic algorithms", warn_only=True)
+    try:
+        for _ in range(3):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = triton_dilated_attention(*leaves, [512, 2048, 8191], [1, 2, 4], causal=True)
+            grads.append(torch.autograd.grad(out, leaves, dout))
+    finally:
+        torch.use_deterministic_algorithms(was)
     for again in grads[1:]:
         for a, b in zip(grads[0], again):
             assert torch.equal(a, b)

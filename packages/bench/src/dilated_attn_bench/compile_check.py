@@ -27,7 +27,16 @@ from triton.compiler import ASTSource
 
 KERNELS = {"forward": _fwd_kernel, "dkdv": _dkdv_kernel, "dq": _dq_kernel}
 # Arguments that the launchers pass as Python ints; strides are multiples of 16 elements.
-_STRIDES = ("stride_b", "stride_n", "stride_h", "kv_stride_b", "kv_stride_n", "lse_stride_b", "lse_stride_n")
+_STRIDES = (
+    "stride_b",
+    "stride_n",
+    "stride_h",
+    "kv_stride_b",
+    "kv_stride_n",
+    "lse_stride_b",
+    "lse_stride_n",
+    "acc_stride_b",
+)
 _MAY_BE_ONE = (
     "tune_class",
     "num_heads",
@@ -46,7 +55,7 @@ def _signature(kernel: Any, dtype: str, constants: dict[str, Any]) -> dict[str, 
     for name in kernel.arg_names:
         if name in constants:
             signature[name] = "constexpr"
-        elif name in ("LSE", "DELTA"):
+        elif name in ("LSE", "DELTA", "DQACC"):
             signature[name] = "*fp32"
         elif name.isupper():
             signature[name] = f"*{dtype}"
@@ -78,8 +87,10 @@ def compile_one(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
     )
-    # Variant switches (the forward's USE_TMA): off unless named in ``flags``.
+    # Variant switches (USE_TMA; DQ_BULK: the dK/dV kernel's dQ by tile reductions): off unless in ``flags``.
     constants.update({name: name in flags for name in _FLAGS if name in kernel.arg_names})
+    if "DQ_MODE" in kernel.arg_names:
+        constants["DQ_MODE"] = 2 if "DQ_BULK" in flags else 0
     if ones:
         constants.update({name: 1 for name in _MAY_BE_ONE})
     aligned = [n for n in kernel.arg_names if (n.isupper() or n in _STRIDES) and n not in constants]
@@ -127,6 +138,12 @@ def main(args: argparse.Namespace) -> int:
             jobs += [
                 (name, kernel, "bf16", tier, tile, False, ("USE_TMA",), 1) for tile in _CANDIDATES[name][tier]
             ]
+            if name == "dkdv":
+                jobs += [
+                    (name, kernel, "bf16", tier, tile, False, ("DQ_BULK",), 1)
+                    for tile in _CANDIDATES[name][tier]
+                ]
+                jobs.append((name, kernel, "bf16", tier, _CANDIDATES[name][tier][0], False, ("DQ_BULK",), 4))
     print(
         "| kernel | flags | group | dtype | d | BLOCK_M x BLOCK_N, warps, stages | args = 1 | regs | stack "
         "| shared | wgmma | s |"

@@ -174,7 +174,7 @@ def ceiling(
 
 def correctness() -> list[dict[str, Any]]:
     """Forward, LSE and gradients against the float64 oracle: odd lengths, r not dividing w, both
-    modes, causal and not, fp16/bf16/fp32, d = 32/64/128/256."""
+    modes, causal and not, fp16/bf16/fp32, d = 32/64/128/256, the backward's dQ in several passes."""
     cases = [
         ((1, 4096, 8, 64), (256, 512, 1024, 2048, 4096), DILATIONS, torch.bfloat16),
         ((2, 3001, 6, 64), (256, 512, 1000, 3001), (1, 2, 3, 8), torch.bfloat16),
@@ -185,6 +185,8 @@ def correctness() -> list[dict[str, Any]]:
         ((1, 1500, 4, 256), (300, 1500), (1, 4), torch.bfloat16),
         ((1, 1025, 4, 32), (128, 1025), (1, 3), torch.float32),
         ((1, 1537, 4, 32), (512, 1537), (1, 5), torch.bfloat16),
+        # the backward's dQ accumulator in five passes of 2048 tokens
+        ((1, 8195, 4, 64), (256, 1024), (1, 3), torch.bfloat16),
     ]
     rows = []
     for shape, w, r, dtype in cases:

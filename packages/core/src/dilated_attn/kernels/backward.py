@@ -17,6 +17,7 @@ order, with no fp32 ``(b, n, h, d)`` buffer and no atomics.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -39,9 +40,17 @@ from dilated_attn.kernels.tuning import (
     install_scratch_allocator,
     interpreting,
     pruner,
+    tma_eligible,
     tuning_class,
     use_tma,
 )
+
+# How the dK/dV kernel treats dQ: not at all (a dQ kernel recomputes the scores), float32 atomics
+# per element, or bulk tile reductions by the tensor memory accelerator (Hopper's TMA reduce-add).
+DQ_RECOMPUTE = tl.constexpr(0)
+DQ_ATOMIC = tl.constexpr(1)
+DQ_BULK = tl.constexpr(2)
+DQ_ENV = "DILATED_ATTN_TRITON_DQ"
 
 
 @triton.jit
@@ -77,6 +86,7 @@ def _dkdv_block(
     v,
     q_src,
     do_src,
+    dq_dst,
     lse_block,
     delta_block,
     tile_offs,
@@ -89,12 +99,14 @@ def _dkdv_block(
     row_stride,
     lse_row_stride,
     qk_scale,
+    scale,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
+    DQ_MODE: tl.constexpr,
 ):
     q_rows = start_n + offs_n
     offs = start_n * row_stride + tile_offs
@@ -119,6 +131,15 @@ def _dkdv_block(
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     dsT = pT * (dpT - delta[None, :])
     dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    if DQ_MODE != DQ_RECOMPUTE:
+        # This key block's share of dQ, scaled, added into the float32 accumulator (rows past the
+        # head's are dropped): one product here instead of a dQ kernel recomputing P and dP.
+        dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PRECISION) * scale
+        if DQ_MODE == DQ_BULK:
+            dq_dst.atomic_add([start_n, 0], dq)
+        else:
+            dq_mask = (q_rows[:, None] < rows) & (offs_d[None, :] < HEAD_DIM)
+            tl.atomic_add(dq_dst + offs, dq, mask=dq_mask, sem="relaxed")
     return dk, dv
 
 
@@ -130,6 +151,7 @@ def _dkdv_blocks(
     v,
     q_src,
     do_src,
+    dq_dst,
     lse_block,
     delta_block,
     tile_offs,
@@ -143,6 +165,7 @@ def _dkdv_blocks(
     row_stride,
     lse_row_stride,
     qk_scale,
+    scale,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     MASKED: tl.constexpr,
@@ -150,6 +173,7 @@ def _dkdv_blocks(
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,
+    DQ_MODE: tl.constexpr,
 ):
     """The query blocks from ``lo`` up to ``hi`` of one head."""
     for start_n in range(lo, hi, BLOCK_N):
@@ -160,6 +184,7 @@ def _dkdv_blocks(
             v,
             q_src,
             do_src,
+            dq_dst,
             lse_block,
             delta_block,
             tile_offs,
@@ -172,12 +197,14 @@ def _dkdv_blocks(
             row_stride,
             lse_row_stride,
             qk_scale,
+            scale,
             HEAD_DIM,
             HEAD_DIM_PAD,
             MASKED,
             CAUSAL,
             DOT_PRECISION,
             USE_TMA,
+            DQ_MODE,
         )
     return dk, dv
 
@@ -190,6 +217,7 @@ def _dkdv_heads_blocks(
     v,
     q_ptr,
     do_ptr,
+    dq_ptr,
     lse_block,
     delta_block,
     tile_offs,
@@ -206,6 +234,7 @@ def _dkdv_heads_blocks(
     row_stride,
     lse_row_stride,
     qk_scale,
+    scale,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     MASKED: tl.constexpr,
@@ -213,6 +242,7 @@ def _dkdv_heads_blocks(
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,
+    DQ_MODE: tl.constexpr,
 ):
     """The query blocks from ``lo`` up to ``hi`` of ``count`` heads (``head_step`` elements apart in
     Q and dO, ``lse_head_step`` in the LSE and D), heads outer, as one flat loop: a loop over heads
@@ -224,6 +254,7 @@ def _dkdv_heads_blocks(
         start_n = lo + (t - i * blocks) * BLOCK_N
         q_src = row_source(q_ptr + i * head_step, rows, row_stride, BLOCK_N, HEAD_DIM, USE_TMA)
         do_src = row_source(do_ptr + i * head_step, rows, row_stride, BLOCK_N, HEAD_DIM, USE_TMA)
+        dq_dst = row_source(dq_ptr + i * head_step, rows, row_stride, BLOCK_N, HEAD_DIM, DQ_MODE == DQ_BULK)
         dk, dv = _dkdv_block(
             dk,
             dv,
@@ -231,6 +262,7 @@ def _dkdv_heads_blocks(
             v,
             q_src,
             do_src,
+            dq_dst,
             lse_block + i * lse_head_step,
             delta_block + i * lse_head_step,
             tile_offs,
@@ -243,12 +275,14 @@ def _dkdv_heads_blocks(
             row_stride,
             lse_row_stride,
             qk_scale,
+            scale,
             HEAD_DIM,
             HEAD_DIM_PAD,
             MASKED,
             CAUSAL,
             DOT_PRECISION,
             USE_TMA,
+            DQ_MODE,
         )
     return dk, dv
 
@@ -264,6 +298,8 @@ def _dkdv_kernel(
     DELTA,
     DK,
     DV,
+    DQACC,
+    acc_stride_b,
     stride_b,
     stride_n,
     stride_h,
@@ -290,6 +326,7 @@ def _dkdv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,
+    DQ_MODE: tl.constexpr,
 ):
     # This program owns BLOCK_M key rows and walks the query rows that see them, BLOCK_N at a time.
     batch, head, seg, start_m = program_coords(max_rows, num_segments, num_heads, head0, BLOCK_M)
@@ -310,6 +347,10 @@ def _dkdv_kernel(
         lse_base = batch.to(tl.int64) * lse_stride_b + first.to(tl.int64) * lse_stride_n + head
         kv_base, kv_row_stride = kv_rows(
             base, row_stride, batch, head, first, dilation, stride_h, kv_stride_b, kv_stride_n, GROUP
+        )
+        # The dQ accumulator (DQ_MODE != DQ_RECOMPUTE) has Q's row and head strides, its own batch stride.
+        acc_base = (
+            batch.to(tl.int64) * acc_stride_b + first.to(tl.int64) * stride_n + head.to(tl.int64) * stride_h
         )
         offs_k = start_m + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
@@ -335,6 +376,7 @@ def _dkdv_kernel(
         if GROUP == 1:
             q_src = row_source(Q + base, rows, row_stride, BLOCK_N, HEAD_DIM, USE_TMA)
             do_src = row_source(DO + base, rows, row_stride, BLOCK_N, HEAD_DIM, USE_TMA)
+            dq_dst = row_source(DQACC + acc_base, rows, row_stride, BLOCK_N, HEAD_DIM, DQ_MODE == DQ_BULK)
             dk, dv = _dkdv_blocks(
                 dk,
                 dv,
@@ -342,6 +384,7 @@ def _dkdv_kernel(
                 v,
                 q_src,
                 do_src,
+                dq_dst,
                 LSE + lse_base,
                 DELTA + lse_base,
                 tile_offs,
@@ -355,6 +398,7 @@ def _dkdv_kernel(
                 row_stride,
                 lse_row_stride,
                 qk_scale,
+                scale,
                 HEAD_DIM,
                 HEAD_DIM_PAD,
                 True,
@@ -362,6 +406,7 @@ def _dkdv_kernel(
                 DOT_PRECISION,
                 BLOCK_N,
                 USE_TMA,
+                DQ_MODE,
             )
             dk, dv = _dkdv_blocks(
                 dk,
@@ -370,6 +415,7 @@ def _dkdv_kernel(
                 v,
                 q_src,
                 do_src,
+                dq_dst,
                 LSE + lse_base,
                 DELTA + lse_base,
                 tile_offs,
@@ -383,6 +429,7 @@ def _dkdv_kernel(
                 row_stride,
                 lse_row_stride,
                 qk_scale,
+                scale,
                 HEAD_DIM,
                 HEAD_DIM_PAD,
                 False,
@@ -390,6 +437,7 @@ def _dkdv_kernel(
                 DOT_PRECISION,
                 BLOCK_N,
                 USE_TMA,
+                DQ_MODE,
             )
             dk, dv = _dkdv_blocks(
                 dk,
@@ -398,6 +446,7 @@ def _dkdv_kernel(
                 v,
                 q_src,
                 do_src,
+                dq_dst,
                 LSE + lse_base,
                 DELTA + lse_base,
                 tile_offs,
@@ -411,6 +460,7 @@ def _dkdv_kernel(
                 row_stride,
                 lse_row_stride,
                 qk_scale,
+                scale,
                 HEAD_DIM,
                 HEAD_DIM_PAD,
                 True,
@@ -418,6 +468,7 @@ def _dkdv_kernel(
                 DOT_PRECISION,
                 BLOCK_N,
                 USE_TMA,
+                DQ_MODE,
             )
         else:
             # Heads r apart lie r * d elements apart in Q and dO and r apart in the LSE and D.
@@ -430,6 +481,7 @@ def _dkdv_kernel(
                 v,
                 Q + base,
                 DO + base,
+                DQACC + acc_base,
                 LSE + lse_base,
                 DELTA + lse_base,
                 tile_offs,
@@ -446,6 +498,7 @@ def _dkdv_kernel(
                 row_stride,
                 lse_row_stride,
                 qk_scale,
+                scale,
                 HEAD_DIM,
                 HEAD_DIM_PAD,
                 True,
@@ -453,6 +506,7 @@ def _dkdv_kernel(
                 DOT_PRECISION,
                 BLOCK_N,
                 USE_TMA,
+                DQ_MODE,
             )
             dk, dv = _dkdv_heads_blocks(
                 dk,
@@ -461,6 +515,7 @@ def _dkdv_kernel(
                 v,
                 Q + base,
                 DO + base,
+                DQACC + acc_base,
                 LSE + lse_base,
                 DELTA + lse_base,
                 tile_offs,
@@ -477,6 +532,7 @@ def _dkdv_kernel(
                 row_stride,
                 lse_row_stride,
                 qk_scale,
+                scale,
                 HEAD_DIM,
                 HEAD_DIM_PAD,
                 False,
@@ -484,6 +540,7 @@ def _dkdv_kernel(
                 DOT_PRECISION,
                 BLOCK_N,
                 USE_TMA,
+                DQ_MODE,
             )
             dk, dv = _dkdv_heads_blocks(
                 dk,
@@ -492,6 +549,7 @@ def _dkdv_kernel(
                 v,
                 Q + base,
                 DO + base,
+                DQACC + acc_base,
                 LSE + lse_base,
                 DELTA + lse_base,
                 tile_offs,
@@ -508,6 +566,7 @@ def _dkdv_kernel(
                 row_stride,
                 lse_row_stride,
                 qk_scale,
+                scale,
                 HEAD_DIM,
                 HEAD_DIM_PAD,
                 True,
@@ -515,6 +574,7 @@ def _dkdv_kernel(
                 DOT_PRECISION,
                 BLOCK_N,
                 USE_TMA,
+                DQ_MODE,
             )
         dk *= scale
         if ACCUMULATE:
@@ -687,10 +747,13 @@ def _dq_kernel(
         tl.store(DQ + base + row_offs, dq.to(DQ.dtype.element_ty), mask=row_mask)
 
 
+# With dQ accumulated here the kernel adds into DQACC: the tuner zeroes it before timing each
+# candidate, and the first launch it tunes is the first of its call, which finds DQACC all zeros.
 _dkdv_tuned = triton.autotune(
     configs=configs_for("dkdv"),
-    key=["HEAD_DIM_PAD", "GROUP", "CAUSAL", "tune_class", "USE_TMA"],
+    key=["HEAD_DIM_PAD", "GROUP", "CAUSAL", "tune_class", "USE_TMA", "DQ_MODE"],
     prune_configs_by={"early_config_prune": pruner("dkdv")},
+    reset_to_zero=["DQACC"],
 )(_dkdv_kernel)
 
 _dq_tuned = triton.autotune(
@@ -734,11 +797,16 @@ def backward_launch(
     *,
     causal: bool,
     scale: float,
+    dq_mode: int = 0,
 ) -> None:
     """Add one pattern's gradients into ``dq, dk, dv`` (or write them, for a head's first launch).
 
-    ``q, dout, dq`` contiguous ``(b, n, h, d)``, ``k, v, dk, dv`` contiguous ``(b, n, h_kv, d)`` with
-    ``h_kv`` dividing ``h``; ``lse`` (merged) and ``delta`` contiguous ``(b, n, h)`` float32.
+    ``q, dout`` contiguous ``(b, n, h, d)`` (or views of such along ``n``), ``k, v, dk, dv`` the same
+    with ``h_kv`` heads dividing ``h``; ``lse`` (merged) and ``delta`` ``(b, n, h)`` float32 with
+    ``q``'s batch and row layout. ``dq`` is like ``q`` (written or merged by a dQ kernel that recomputes
+    the scores, ``dq_mode=0``), or with ``dq_mode`` 1 (element atomics) or 2 (bulk reductions) a
+    float32 accumulator with ``q``'s row and head strides that the dK/dV kernel adds the scaled
+    ``dS K`` into.
     """
     b, n, h, d = q.shape
     max_rows = launch.max_rows()
@@ -750,7 +818,7 @@ def backward_launch(
     # Descriptors measured no faster here (196 vs 198 ms fwd+bwd at longnet-1m on an H200): the
     # backward keeps pointer loads unless DILATED_ATTN_TRITON_TMA=1 asks for them.
     tma = use_tma(q, k, v, dout, explicit_only=True)
-    if tma:
+    if tma or dq_mode == 2:
         install_scratch_allocator(q.device)
     common = dict(
         USE_TMA=tma,
@@ -779,8 +847,64 @@ def backward_launch(
         scale,
         tuning_class(b, n, h),
     )
-    _dkdv_tuned[grid](q, k, v, dout, lse, delta, dk, dv, *geometry, ACCUMULATE=launch.kv_accumulate, **common)
-    _dq_tuned[grid](q, k, v, dout, lse, delta, dq, *geometry, ACCUMULATE=launch.accumulate, **common)
+    if dq_mode:
+        acc = dq
+    else:
+        acc = _dummy(q.device)
+    _dkdv_tuned[grid](
+        q, k, v, dout, lse, delta, dk, dv, acc, acc.stride(0), *geometry,
+        ACCUMULATE=launch.kv_accumulate, DQ_MODE=dq_mode, **common,
+    )  # fmt: skip
+    if not dq_mode:
+        _dq_tuned[grid](q, k, v, dout, lse, delta, dq, *geometry, ACCUMULATE=launch.accumulate, **common)
+
+
+_DUMMIES: dict[torch.device, torch.Tensor] = {}
+
+
+def _dummy(device: torch.device) -> torch.Tensor:
+    """A one-element float32 tensor standing in for the dQ accumulator when there is none."""
+    if device not in _DUMMIES:
+        _DUMMIES[device] = torch.zeros(1, dtype=torch.float32, device=device)
+    return _DUMMIES[device]
+
+
+def dq_mode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor) -> int:
+    """How dQ is computed: 0 (a dQ kernel per pattern recomputes the scores; bitwise reproducible),
+    1 (float32 element atomics in the dK/dV kernel) or 2 (float32 tile reductions by the tensor
+    memory accelerator in the dK/dV kernel); 1 and 2 sum in a run-dependent order.
+
+    ``DILATED_ATTN_TRITON_DQ``: ``auto`` (default: 2 where the tensor memory accelerator can reduce
+    the tiles, i.e. 16-bit inputs on sm_90+ with head sizes 16..128, else 0), ``atomic`` (2 where
+    eligible, else 1), ``recompute`` (0). ``torch.use_deterministic_algorithms(True)`` means 0.
+    """
+    setting = os.environ.get(DQ_ENV, "auto").strip().lower()
+    if setting not in ("auto", "atomic", "recompute"):
+        raise ValueError(f"{DQ_ENV}={setting!r} must be one of 'auto', 'atomic', 'recompute'")
+    if setting == "recompute" or torch.are_deterministic_algorithms_enabled():
+        return 0
+    bulk = (
+        q.is_cuda
+        and not interpreting()
+        and tma_eligible(q, k, v, dout)
+        and torch.cuda.get_device_capability(q.device) >= (9, 0)
+    )
+    if bulk:
+        return 2
+    return 1 if setting == "atomic" else 0
+
+
+# The dQ accumulator covers about this share of the sequence at a time (whole segments of every
+# pattern): float32 over an eighth of the length is a quarter of a 16-bit output.
+DQ_CHUNKS = 8
+
+
+def dq_chunk(n: int, plan: LaunchPlan) -> int:
+    """Tokens per pass of the dQ accumulator: a multiple of every launch's segment, about ``n / DQ_CHUNKS``."""
+    step = 1
+    for launch in plan.launches:
+        step = math.lcm(step, launch.segment)
+    return min(n, step * max(1, -(-n // (DQ_CHUNKS * step))))
 
 
 def backward(
@@ -800,19 +924,38 @@ def backward(
     """Every launch of ``plan`` backwards: ``(dq, dk, dv)`` in ``grad_dtype`` (default: ``q``'s).
 
     Shapes as ``backward_launch`` takes them (made contiguous here); ``dlse=None`` when no gradient
-    reaches the LSE. Each gradient row has one writer per launch and launches run in a fixed order, so
-    the result is bitwise reproducible run to run (``torch.use_deterministic_algorithms`` needs nothing
-    else).
+    reaches the LSE. dQ comes from a dQ kernel per pattern or from the dK/dV kernel (``dq_mode``). In
+    the second case the sequence is taken in chunks of whole segments (``dq_chunk``), each with every
+    pattern adding into one float32 accumulator that is then cast into ``dq``: the accumulator costs
+    a quarter of a 16-bit output. With a dQ kernel each gradient row has one writer per launch and launches run
+    in a fixed order, so the result is bitwise reproducible run to run.
     """
     dout, q, k, v, out, lse = (t.contiguous() for t in (dout, q, k, v, out, lse))
     dlse = None if dlse is None else dlse.contiguous()
     dtype = q.dtype if grad_dtype is None else grad_dtype
+    mode = dq_mode(q, k, v, dout)
     make = torch.zeros if plan.needs_init else torch.empty
     make_kv = torch.zeros if plan.kv_needs_init else torch.empty
-    dq = make(q.shape, dtype=dtype, device=q.device)
+    dq = (torch.empty if mode else make)(q.shape, dtype=dtype, device=q.device)
     dk, dv = (make_kv(t.shape, dtype=dtype, device=t.device) for t in (k, v))
     with device_guard(q):
         delta = compute_delta(out, dout, dlse)
-        for launch in plan.launches:
-            backward_launch(dout, q, k, v, lse, delta, dq, dk, dv, launch, causal=causal, scale=scale)
+        if not mode:
+            for launch in plan.launches:
+                backward_launch(dout, q, k, v, lse, delta, dq, dk, dv, launch, causal=causal, scale=scale)
+            return dq, dk, dv
+        n = q.shape[1]
+        chunk = dq_chunk(n, plan)
+        acc = torch.empty((q.shape[0], chunk, *q.shape[2:]), dtype=torch.float32, device=q.device)
+        for start in range(0, n, chunk):
+            part = slice(start, min(n, start + chunk))
+            rows = part.stop - part.start
+            acc_part = acc[:, :rows]
+            acc_part.zero_()
+            for launch in plan.launches:
+                backward_launch(
+                    dout[:, part], q[:, part], k[:, part], v[:, part], lse[:, part], delta[:, part],
+                    acc_part, dk[:, part], dv[:, part], launch, causal=causal, scale=scale, dq_mode=mode,
+                )  # fmt: skip
+            dq[:, part].copy_(acc_part)
     return dq, dk, dv

@@ -79,17 +79,23 @@ def use_tma(*tensors: torch.Tensor, explicit_only: bool = False) -> bool:
         raise ValueError(f"{TMA_ENV}={setting!r} must be one of 'auto', '0', '1'")
     if setting == "0" or (setting == "auto" and explicit_only):
         return False
+    if not tma_eligible(*tensors):
+        return False
+    if setting == "1":
+        return True
     first = tensors[0]
-    eligible = (
+    return first.is_cuda and not interpreting() and torch.cuda.get_device_capability(first.device) >= (9, 0)
+
+
+def tma_eligible(*tensors: torch.Tensor) -> bool:
+    """16-bit tensors whose rows the tensor memory accelerator moves whole (head size 16, 32, 64 or
+    128) from 16-byte aligned addresses; says nothing about the device."""
+    first = tensors[0]
+    return (
         first.dtype in (torch.float16, torch.bfloat16)
         and first.shape[-1] in _TMA_HEAD_DIMS
         and all(t.data_ptr() % 16 == 0 for t in tensors)
     )
-    if not eligible:
-        return False
-    if setting == "1":
-        return True
-    return first.is_cuda and not interpreting() and torch.cuda.get_device_capability(first.device) >= (9, 0)
 
 
 def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
