@@ -204,10 +204,13 @@ def test_pruner_tunes_large_calls_only(kernel, monkeypatch):
     prune = tuning.pruner(kernel)
     for head_dim_pad, tier in ((32, 64), (64, 64), (128, 128), (256, 256)):
         candidates = tuning._CANDIDATES[kernel][tier]
-        large = prune(
-            configs, {"Q": torch.empty(0, dtype=torch.bfloat16), "tune_class": 1}, HEAD_DIM_PAD=head_dim_pad
-        )
-        assert sorted(_shapes(large)) == sorted(candidates)
+        for tune_class in (1, 2):
+            large = prune(
+                configs,
+                {"Q": torch.empty(0, dtype=torch.bfloat16), "tune_class": tune_class},
+                HEAD_DIM_PAD=head_dim_pad,
+            )
+            assert sorted(_shapes(large)) == sorted(candidates)
         small = prune(
             configs, {"Q": torch.empty(0, dtype=torch.float16), "tune_class": 0}, HEAD_DIM_PAD=head_dim_pad
         )
@@ -217,9 +220,12 @@ def test_pruner_tunes_large_calls_only(kernel, monkeypatch):
 
 
 def test_tuning_class_depends_on_the_whole_call():
-    assert tuning.tuning_class(1, 1 << 20, 16) == 1
+    assert tuning.tuning_class(1, 1 << 20, 16) == 2
+    assert tuning.tuning_class(1, 1 << 18, 16) == 1
     assert tuning.tuning_class(2, 4099, 4) == 0
     assert tuning.tuning_class(1, tuning.TUNE_MIN_ROWS, 1) == 1
+    assert tuning.tuning_class(1, tuning.TUNE_MIN_ROWS - 1, 1) == 0
+    assert tuning.tuning_class(2, tuning.TUNE_LARGE_ROWS // 2, 1) == 2
 
 
 # -- CPU interpreter ----------------------------------------------------------------------------

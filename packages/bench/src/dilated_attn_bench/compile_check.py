@@ -35,12 +35,14 @@ _STRIDES = (
     "kv_stride_n",
     "lse_stride_b",
     "lse_stride_n",
+    "lse_stride_h",
     "acc_stride_b",
 )
 _MAY_BE_ONE = (
     "tune_class",
     "num_heads",
     "lse_stride_n",
+    "lse_stride_h",
     "head0",
     "max_rows",
     "seq_len",

@@ -60,11 +60,15 @@ def _delta_kernel(
     DLSE,
     DELTA,
     total_rows,
+    seq_len,
+    num_heads,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     HAS_DLSE: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
+    # Rows in (b, n, h) order in; D out in the same order or with HEAD_MAJOR in (b, h, n) order.
     offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask_r = offs_r < total_rows
@@ -75,7 +79,14 @@ def _delta_kernel(
     delta = tl.sum(o * do, 1)
     if HAS_DLSE:
         delta -= tl.load(DLSE + offs_r, mask=mask_r, other=0.0)
-    tl.store(DELTA + offs_r, delta, mask=mask_r)
+    if HEAD_MAJOR:
+        head = offs_r % num_heads
+        rest = offs_r // num_heads
+        pos = rest % seq_len
+        batch = rest // seq_len
+        tl.store(DELTA + (batch * num_heads + head) * seq_len + pos, delta, mask=mask_r)
+    else:
+        tl.store(DELTA + offs_r, delta, mask=mask_r)
 
 
 @triton.jit
@@ -307,6 +318,7 @@ def _dkdv_kernel(
     kv_stride_n,
     lse_stride_b,
     lse_stride_n,
+    lse_stride_h,
     seq_len,
     segment,
     dilation,
@@ -344,7 +356,11 @@ def _dkdv_kernel(
         row_stride = dilation.to(tl.int64) * stride_n
         lse_row_stride = dilation.to(tl.int64) * lse_stride_n
         base = batch.to(tl.int64) * stride_b + first.to(tl.int64) * stride_n + head.to(tl.int64) * stride_h
-        lse_base = batch.to(tl.int64) * lse_stride_b + first.to(tl.int64) * lse_stride_n + head
+        lse_base = (
+            batch.to(tl.int64) * lse_stride_b
+            + first.to(tl.int64) * lse_stride_n
+            + head.to(tl.int64) * lse_stride_h
+        )
         kv_base, kv_row_stride = kv_rows(
             base, row_stride, batch, head, first, dilation, stride_h, kv_stride_b, kv_stride_n, GROUP
         )
@@ -471,9 +487,10 @@ def _dkdv_kernel(
                 DQ_MODE,
             )
         else:
-            # Heads r apart lie r * d elements apart in Q and dO and r apart in the LSE and D.
+            # Heads r apart lie r * d elements apart in Q and dO and r head strides apart in the LSE and D.
             count = tl.cdiv(group_hi - head, dilation)
             head_step = dilation.to(tl.int64) * stride_h
+            lse_head_step = dilation.to(tl.int64) * lse_stride_h
             dk, dv = _dkdv_heads_blocks(
                 dk,
                 dv,
@@ -493,7 +510,7 @@ def _dkdv_kernel(
                 mid,
                 count,
                 head_step,
-                dilation,
+                lse_head_step,
                 rows,
                 row_stride,
                 lse_row_stride,
@@ -527,7 +544,7 @@ def _dkdv_kernel(
                 full_end,
                 count,
                 head_step,
-                dilation,
+                lse_head_step,
                 rows,
                 row_stride,
                 lse_row_stride,
@@ -561,7 +578,7 @@ def _dkdv_kernel(
                 rows,
                 count,
                 head_step,
-                dilation,
+                lse_head_step,
                 rows,
                 row_stride,
                 lse_row_stride,
@@ -642,6 +659,7 @@ def _dq_kernel(
     kv_stride_n,
     lse_stride_b,
     lse_stride_n,
+    lse_stride_h,
     seq_len,
     segment,
     dilation,
@@ -677,7 +695,9 @@ def _dq_kernel(
         row_offs = offs_m.to(tl.int64)[:, None] * row_stride + offs_d[None, :]
         row_mask = (offs_m[:, None] < rows) & (offs_d[None, :] < HEAD_DIM)
         lse_offs = (
-            batch.to(tl.int64) * lse_stride_b + (first + offs_m * dilation).to(tl.int64) * lse_stride_n + head
+            batch.to(tl.int64) * lse_stride_b
+            + (first + offs_m * dilation).to(tl.int64) * lse_stride_n
+            + head.to(tl.int64) * lse_stride_h
         )
         row_valid = offs_m < rows
         q = tl.load(Q + base + row_offs, mask=row_mask, other=0.0)
@@ -763,10 +783,16 @@ _dq_tuned = triton.autotune(
 )(_dq_kernel)
 
 
-def compute_delta(out: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None) -> torch.Tensor:
-    """``rowsum(dout * out) - dlse``: ``(b, n, h)`` float32 from contiguous ``(b, n, h, d)`` tensors."""
+def compute_delta(
+    out: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None, *, head_major: bool = False
+) -> torch.Tensor:
+    """``rowsum(dout * out) - dlse``: ``(b, n, h)`` float32 from contiguous ``(b, n, h, d)`` tensors
+    (and a contiguous ``dlse``); with ``head_major`` stored like ``stats_head_major``'s result."""
     b, n, h, d = out.shape
-    result = torch.empty((b, n, h), dtype=torch.float32, device=out.device)
+    if head_major:
+        result = torch.empty((b, h, n), dtype=torch.float32, device=out.device).transpose(1, 2)
+    else:
+        result = torch.empty((b, n, h), dtype=torch.float32, device=out.device)
     total = b * n * h
     block = 16 if interpreting() else max(16, 8192 // head_dim_pad(d))
     _delta_kernel[(triton.cdiv(total, block),)](
@@ -775,9 +801,12 @@ def compute_delta(out: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | No
         dlse if dlse is not None else result,
         result,
         total,
+        n,
+        h,
         HEAD_DIM=d,
         HEAD_DIM_PAD=head_dim_pad(d),
         HAS_DLSE=dlse is not None,
+        HEAD_MAJOR=head_major,
         BLOCK_R=block,
     )
     return result
@@ -802,8 +831,8 @@ def backward_launch(
     """Add one pattern's gradients into ``dq, dk, dv`` (or write them, for a head's first launch).
 
     ``q, dout`` contiguous ``(b, n, h, d)`` (or views of such along ``n``), ``k, v, dk, dv`` the same
-    with ``h_kv`` heads dividing ``h``; ``lse`` (merged) and ``delta`` ``(b, n, h)`` float32 with
-    ``q``'s batch and row layout. ``dq`` is like ``q`` (written or merged by a dQ kernel that recomputes
+    with ``h_kv`` heads dividing ``h``; ``lse`` (merged) and ``delta`` ``(b, n, h)`` float32 in any
+    strides (the backward passes head-major ones). ``dq`` is like ``q`` (written or merged by a dQ kernel that recomputes
     the scores, ``dq_mode=0``), or with ``dq_mode`` 1 (element atomics) or 2 (bulk reductions) a
     float32 accumulator with ``q``'s row and head strides that the dK/dV kernel adds the scaled
     ``dS K`` into.
@@ -836,6 +865,7 @@ def backward_launch(
         k.stride(1),
         lse.stride(0),
         lse.stride(1),
+        lse.stride(2),
         n,
         launch.segment,
         launch.dilation,
@@ -907,6 +937,20 @@ def dq_chunk(n: int, plan: LaunchPlan) -> int:
     return min(n, step * max(1, -(-n // (DQ_CHUNKS * step))))
 
 
+# The backward reads the LSE and D of each query row once per key block (a 4-byte load per row): in a
+# (b, h, n) layout a head's rows are adjacent, so those loads coalesce where r is small, instead of
+# one 32-byte sector per row in (b, n, h).
+HEAD_MAJOR_STATS = True
+
+
+def stats_head_major(stats: torch.Tensor) -> torch.Tensor:
+    """A ``(b, n, h)`` tensor as a view of a contiguous ``(b, h, n)`` copy (no copy if it already is one)."""
+    b, n, h = stats.shape
+    if stats.stride() == (h * n, 1, n):
+        return stats
+    return stats.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def backward(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -930,8 +974,9 @@ def backward(
     a quarter of a 16-bit output. With a dQ kernel each gradient row has one writer per launch and launches run
     in a fixed order, so the result is bitwise reproducible run to run.
     """
-    dout, q, k, v, out, lse = (t.contiguous() for t in (dout, q, k, v, out, lse))
+    dout, q, k, v, out = (t.contiguous() for t in (dout, q, k, v, out))
     dlse = None if dlse is None else dlse.contiguous()
+    lse = stats_head_major(lse) if HEAD_MAJOR_STATS else lse.contiguous()
     dtype = q.dtype if grad_dtype is None else grad_dtype
     mode = dq_mode(q, k, v, dout)
     make = torch.zeros if plan.needs_init else torch.empty
@@ -939,7 +984,7 @@ def backward(
     dq = (torch.empty if mode else make)(q.shape, dtype=dtype, device=q.device)
     dk, dv = (make_kv(t.shape, dtype=dtype, device=t.device) for t in (k, v))
     with device_guard(q):
-        delta = compute_delta(out, dout, dlse)
+        delta = compute_delta(out, dout, dlse, head_major=HEAD_MAJOR_STATS)
         if not mode:
             for launch in plan.launches:
                 backward_launch(dout, q, k, v, lse, delta, dq, dk, dv, launch, causal=causal, scale=scale)

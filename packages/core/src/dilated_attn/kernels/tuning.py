@@ -34,13 +34,31 @@ _CANDIDATES: dict[str, dict[int, tuple[tuple[int, int, int, int], ...]]] = {
         256: ((64, 32, 4, 2), (128, 32, 8, 2), (64, 32, 8, 2)),
     },
     "dkdv": {
-        64: ((64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)),
-        128: ((64, 32, 8, 3), (64, 64, 8, 2), (128, 32, 8, 2)),
+        64: (
+            (64, 32, 4, 3),
+            (128, 64, 8, 3),
+            (128, 32, 8, 3),
+            (64, 64, 4, 3),
+            (64, 32, 4, 5),
+            (64, 64, 4, 4),
+            (128, 32, 8, 4),
+            (128, 64, 8, 2),
+        ),
+        128: ((64, 32, 8, 3), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 4)),
         256: ((64, 32, 8, 2), (32, 32, 8, 2), (64, 16, 8, 2)),
     },
     "dq": {
-        64: ((64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 8, 2)),
-        128: ((64, 32, 4, 3), (128, 32, 8, 2), (64, 64, 8, 2)),
+        64: (
+            (64, 64, 4, 3),
+            (128, 64, 8, 3),
+            (128, 32, 4, 3),
+            (128, 64, 8, 2),
+            (64, 64, 4, 5),
+            (64, 32, 4, 4),
+            (128, 32, 4, 5),
+            (128, 128, 8, 2),
+        ),
+        128: ((64, 32, 4, 3), (128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 5)),
         256: ((32, 32, 4, 2), (64, 16, 4, 2), (64, 32, 8, 2)),
     },
 }
@@ -48,6 +66,9 @@ _CANDIDATES: dict[str, dict[int, tuple[tuple[int, int, int, int], ...]]] = {
 # Below this many (batch * seq * heads) rows a call runs the first candidate of its tier untuned:
 # benchmarking a dozen compiled candidates costs more than a small call can win back.
 TUNE_MIN_ROWS = 1 << 19
+# From this many rows a call is tuned apart from medium ones: the tile that wins at longnet-1m
+# (2^24 rows) need not win at a quarter of it, where fewer programs fill the GPU.
+TUNE_LARGE_ROWS = 1 << 23
 
 # float32 multiplies in full precision on the CUDA cores (no tensor-core path), and its operand tiles
 # fill the registers: one small tile per tier, so no slow compiles of candidates that would spill.
@@ -158,12 +179,14 @@ def pruner(kernel: str) -> Callable[..., list[triton.Config]]:
 
 
 def tuning_class(batch: int, seq_len: int, num_heads: int) -> int:
-    """1 when a call is large enough to autotune, else 0 (part of the tuning key: see TUNE_MIN_ROWS).
+    """0 for calls too small to autotune (see TUNE_MIN_ROWS), 1 for medium and 2 for large ones
+    (from TUNE_LARGE_ROWS rows), which are tuned apart; part of the tuning key.
 
     It depends on the whole call, never on one pattern, so the first launch with a new key is still a
     head's first launch (see the module docstring).
     """
-    return int(batch * seq_len * num_heads >= TUNE_MIN_ROWS)
+    rows = batch * seq_len * num_heads
+    return 0 if rows < TUNE_MIN_ROWS else 1 if rows < TUNE_LARGE_ROWS else 2
 
 
 def head_dim_pad(head_dim: int) -> int:
