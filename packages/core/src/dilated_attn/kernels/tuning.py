@@ -24,7 +24,8 @@ _TMA_HEAD_DIMS = (16, 32, 64, 128)
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M is the tile the program owns (query rows in the
 # forward and dQ kernels, key rows in the dK/dV kernel); BLOCK_N is the tile it loops over. The first
 # of each tier, the default for calls too small to tune, is the one the tuner picked on an H200
-# (2026-11-22; longnet-1m for d = 64, medium sizes for 128 and 256). `dilated-attn-bench compile-check` compiles them
+# (forward: 2026-11-22, longnet-1m for d = 64, medium sizes for 128 and 256; backward at d = 64 and
+# 128: 2026-11-30, longnet-1m, from the candidates' timings, which also pruned the lists). `dilated-attn-bench compile-check` compiles them
 # all for sm_90: every one uses wgmma except the 32-row d = 256 tiles; up to d = 128 all but three
 # spill no registers (those three spill 16-40 bytes), and most d = 256 tiles spill 60-300 bytes.
 _CANDIDATES: dict[str, dict[int, tuple[tuple[int, int, int, int], ...]]] = {
@@ -34,31 +35,13 @@ _CANDIDATES: dict[str, dict[int, tuple[tuple[int, int, int, int], ...]]] = {
         256: ((64, 32, 4, 2), (128, 32, 8, 2), (64, 32, 8, 2)),
     },
     "dkdv": {
-        64: (
-            (64, 32, 4, 3),
-            (128, 64, 8, 3),
-            (128, 32, 8, 3),
-            (64, 64, 4, 3),
-            (64, 32, 4, 5),
-            (64, 64, 4, 4),
-            (128, 32, 8, 4),
-            (128, 64, 8, 2),
-        ),
-        128: ((64, 32, 8, 3), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 4)),
+        64: ((64, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 4), (128, 64, 8, 2), (128, 64, 8, 3)),
+        128: ((128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 3)),
         256: ((64, 32, 8, 2), (32, 32, 8, 2), (64, 16, 8, 2)),
     },
     "dq": {
-        64: (
-            (64, 64, 4, 3),
-            (128, 64, 8, 3),
-            (128, 32, 4, 3),
-            (128, 64, 8, 2),
-            (64, 64, 4, 5),
-            (64, 32, 4, 4),
-            (128, 32, 4, 5),
-            (128, 128, 8, 2),
-        ),
-        128: ((64, 32, 4, 3), (128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 5)),
+        64: ((64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 3), (128, 32, 4, 5), (128, 64, 8, 3)),
+        128: ((64, 32, 4, 3), (64, 32, 4, 5), (128, 32, 8, 2)),
         256: ((32, 32, 4, 2), (64, 16, 4, 2), (64, 32, 8, 2)),
     },
 }
