@@ -9,7 +9,7 @@ from dilated_attn.cache import metadata_cache
 from dilated_attn.ops import dilated_backward, dilated_forward, jobs_for
 from dilated_attn.pattern import DilationPattern
 from dilated_attn.reference import dilated_attention_reference
-from dilated_attn.testing import BackendConformance, relative_error
+from dilated_attn.testing import TOLERANCES, BackendConformance, relative_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -204,3 +204,29 @@ def test_pool_workspace_gives_identical_results():
     assert stats["hits"] >= 2 and stats["in_use_bytes"] == 0
     pooled.sum().backward()
     assert q.grad is not None
+
+
+@pytest.mark.parametrize("used", ["out", "lse"])
+def test_sdpa_backward_takes_fused_blocks_when_no_gradient_reaches_the_lse(used, monkeypatch):
+    # An output the loss never reaches gets no gradient (not a zero one): with only ``out`` used the
+    # blocks' backward runs on PyTorch's fused kernel, not the math path a gradient into the LSE needs.
+    import dilated_attn.block_attention as blocks
+
+    math_calls = []
+    real = blocks._math_backward
+    monkeypatch.setattr(blocks, "_math_backward", lambda *a, **k: math_calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 96, 2, 16, generator=g, requires_grad=True) for _ in range(3))
+    out, lse = dilated_attention(q, k, v, [32, 96], [1, 3], backend="sdpa", return_lse=True)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = dilated_attention_reference(q64, k64, v64, [32, 96], [1, 3], return_lse=True)
+    weight = torch.randn(out.shape if used == "out" else lse.shape, generator=g)
+    ours = torch.autograd.grad(((out if used == "out" else lse) * weight).sum(), (q, k, v))
+    # The LSE does not depend on V: its gradient is zero there.
+    leaves = (q64, k64, v64) if used == "out" else (q64, k64)
+    theirs = torch.autograd.grad(((ref if used == "out" else ref_lse) * weight.double()).sum(), leaves)
+    for a, b in zip(ours, theirs):
+        assert relative_error(a, b) <= TOLERANCES[torch.float32][1]
+    if used == "lse":
+        assert torch.count_nonzero(ours[2]) == 0
+    assert bool(math_calls) == (used == "lse")

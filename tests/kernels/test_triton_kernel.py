@@ -326,6 +326,26 @@ def test_interpreted_atomic_dq_matches_oracle(shape, kv_heads, w, r, mode, dtype
     _check(shape, w, r, mode=mode, causal=causal, dtype=dtype, device="cpu", kv_heads=kv_heads)
 
 
+@interpreted
+@pytest.mark.parametrize("used", ["out", "lse"])
+def test_interpreted_gradient_through_one_output(used):
+    # The output no loss reaches gets no gradient at all (None, not zeros): both cases against the oracle.
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 77, 2, 16, generator=g, requires_grad=True) for _ in range(3))
+    out, lse = triton_dilated_attention(q, k, v, [20, 77], [1, 3], causal=True, return_lse=True)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = dilated_attention_reference(q64, k64, v64, [20, 77], [1, 3], causal=True, return_lse=True)
+    weight = torch.randn(out.shape if used == "out" else lse.shape, generator=g)
+    ours = torch.autograd.grad(((out if used == "out" else lse) * weight).sum(), (q, k, v))
+    # The LSE does not depend on V: its gradient is zero there.
+    leaves = (q64, k64, v64) if used == "out" else (q64, k64)
+    theirs = torch.autograd.grad(((ref if used == "out" else ref_lse) * weight.double()).sum(), leaves)
+    for a, b in zip(ours, theirs):
+        assert relative_error(a, b) <= TOLERANCES[torch.float32][1]
+    if used == "lse":
+        assert torch.count_nonzero(ours[2]) == 0
+
+
 def test_dq_chunks_hold_whole_segments():
     from dilated_attn.kernels.backward import DQ_CHUNKS, dq_chunk
 

@@ -152,6 +152,9 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, seed, mask)
     ctx.args = (segment_lengths, dilation_rates, mode, causal, scale, dropout_p)
+    # An output no loss reaches gets None, not zeros: a zero ``dlse`` would still count as a gradient
+    # into the LSE, which the fused SDPA kernels do not take, and send every block to the math path.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx: Any, dout: Optional[torch.Tensor], dlse: Optional[torch.Tensor]) -> tuple:  # noqa: UP045

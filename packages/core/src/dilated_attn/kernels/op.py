@@ -78,10 +78,14 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.pattern = (segment_lengths, dilation_rates, mode, causal, scale)
+    # An output no loss reaches gets None, not a materialised zero tensor (no D - 0 pass over the LSE).
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx: Any, dout: torch.Tensor, dlse: torch.Tensor | None) -> tuple:
+def _backward(ctx: Any, dout: torch.Tensor | None, dlse: torch.Tensor | None) -> tuple:
     q, k, v, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
     dq, dk, dv = torch.ops.dilated_attn.triton_bwd(dout, q, k, v, out, lse, dlse, *ctx.pattern)
     return dq, dk, dv, None, None, None, None, None
 
