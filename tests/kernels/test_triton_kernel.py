@@ -328,8 +328,15 @@ def test_interpreted_atomic_dq_matches_oracle(shape, kv_heads, w, r, mode, dtype
 
 @interpreted
 @pytest.mark.parametrize("used", ["out", "lse"])
-def test_interpreted_gradient_through_one_output(used):
+def test_interpreted_gradient_through_one_output(used, monkeypatch):
     # The output no loss reaches gets no gradient at all (None, not zeros): both cases against the oracle.
+    from dilated_attn.kernels import backward
+
+    seen = []
+    real = backward.compute_delta
+    monkeypatch.setattr(
+        backward, "compute_delta", lambda o, do, dlse, **kw: seen.append(dlse) or real(o, do, dlse, **kw)
+    )
     g = torch.Generator().manual_seed(9)
     q, k, v = (torch.randn(1, 77, 2, 16, generator=g, requires_grad=True) for _ in range(3))
     out, lse = triton_dilated_attention(q, k, v, [20, 77], [1, 3], causal=True, return_lse=True)
@@ -344,6 +351,8 @@ def test_interpreted_gradient_through_one_output(used):
         assert relative_error(a, b) <= TOLERANCES[torch.float32][1]
     if used == "lse":
         assert torch.count_nonzero(ours[2]) == 0
+    # No gradient reaches the unused output: the kernels get None, not a zero tensor.
+    assert len(seen) == 1 and (seen[0] is None) == (used == "out")
 
 
 def test_dq_chunks_hold_whole_segments():
@@ -360,17 +369,23 @@ def test_dq_chunks_hold_whole_segments():
 
 
 def test_dq_mode_setting(monkeypatch):
+    from dilated_attn.kernels import backward
     from dilated_attn.kernels.backward import DQ_ENV, dq_mode
 
     q = torch.zeros(1, 4, 1, 16, dtype=torch.float16)
     monkeypatch.delenv(DQ_ENV, raising=False)
-    assert dq_mode(q, q, q, q) == 0  # no CUDA tensor: no bulk reductions
-    monkeypatch.setenv(DQ_ENV, "atomic")
-    assert dq_mode(q, q, q, q) == 1
+    assert dq_mode(q, q, q, q) == 0
     monkeypatch.setenv(DQ_ENV, "recompute")
     assert dq_mode(q, q, q, q) == 0
-    # Deterministic algorithms always get the dQ kernel (a fixed summation order).
     monkeypatch.setenv(DQ_ENV, "atomic")
+    # Element atomics only on the interpreter (to test the accumulation); elsewhere without bulk
+    # reductions (here: no CUDA tensor) the dQ kernel runs.
+    monkeypatch.setattr(backward, "interpreting", lambda: True)
+    assert dq_mode(q, q, q, q) == 1
+    monkeypatch.setattr(backward, "interpreting", lambda: False)
+    assert dq_mode(q, q, q, q) == 0
+    # Deterministic algorithms always get the dQ kernel (a fixed summation order).
+    monkeypatch.setattr(backward, "interpreting", lambda: True)
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     assert dq_mode(q, q, q, q) == 0
     monkeypatch.setenv(DQ_ENV, "fast")
@@ -628,6 +643,10 @@ def test_cuda_dq_strategies_match_oracle(strategy, causal, dtype, monkeypatch):
     from dilated_attn.kernels.backward import DQ_ENV
 
     monkeypatch.setenv(DQ_ENV, strategy)
+    if strategy == "atomic":
+        from dilated_attn.kernels import backward
+
+        monkeypatch.setattr(backward, "_dq_tuned", [])  # dQ comes from the dK/dV kernel alone
     # Five dQ accumulator chunks (segments up to 1024 in 4099 tokens), r = 3 not dividing 512.
     _check(
         (2, 4099, 4, 64),
@@ -656,12 +675,13 @@ def test_cuda_dq_strategies_match_oracle(strategy, causal, dtype, monkeypatch):
 def test_cuda_backward_is_bitwise_deterministic(how, monkeypatch):
     from dilated_attn.kernels.backward import DQ_ENV
 
-    if how == "recompute":
-        monkeypatch.setenv(DQ_ENV, "recompute")
+    # Deterministic algorithms override a request for dQ reductions.
+    monkeypatch.setenv(DQ_ENV, "recompute" if how == "recompute" else "atomic")
     g = torch.Generator().manual_seed(3)
     q, k, v, dout = (torch.randn(1, 8191, 8, 64, generator=g).cuda().bfloat16() for _ in range(4))
     grads = []
     was = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(how == "deterministic algorithms", warn_only=True)
     try:
         for _ in range(3):
@@ -669,7 +689,7 @@ def test_cuda_backward_is_bitwise_deterministic(how, monkeypatch):
             out = triton_dilated_attention(*leaves, [512, 2048, 8191], [1, 2, 4], causal=True)
             grads.append(torch.autograd.grad(out, leaves, dout))
     finally:
-        torch.use_deterministic_algorithms(was)
+        torch.use_deterministic_algorithms(was, warn_only=was_warn_only)
     for again in grads[1:]:
         for a, b in zip(grads[0], again):
             assert torch.equal(a, b)

@@ -185,7 +185,7 @@ def correctness() -> list[dict[str, Any]]:
         ((1, 1500, 4, 256), (300, 1500), (1, 4), torch.bfloat16),
         ((1, 1025, 4, 32), (128, 1025), (1, 3), torch.float32),
         ((1, 1537, 4, 32), (512, 1537), (1, 5), torch.bfloat16),
-        # the backward's dQ accumulator in five passes of 2048 tokens
+        # past 8K (with dQ reductions, below: five accumulator passes of 2048 tokens)
         ((1, 8195, 4, 64), (256, 1024), (1, 3), torch.bfloat16),
     ]
     rows = []
@@ -194,6 +194,24 @@ def correctness() -> list[dict[str, Any]]:
             for causal in (False, True):
                 label = f"{tuple(shape)} w={w} r={r} {str(dtype).removeprefix('torch.')} {mode}{' causal' if causal else ''}"
                 rows.append({"case": label, **_guarded(_check, shape, w, r, dtype, mode, causal)})
+    # dQ by tile reductions (opt in) over several accumulator passes, also at d = 128, fp16, batch 2
+    from dilated_attn.kernels.backward import DQ_ENV
+
+    saved = os.environ.get(DQ_ENV)
+    os.environ[DQ_ENV] = "atomic"
+    try:
+        for shape, w, r, dtype in (
+            ((1, 8195, 4, 64), (256, 1024), (1, 3), torch.bfloat16),
+            ((2, 4099, 4, 128), (256, 512, 1024), (1, 3, 4), torch.float16),
+        ):
+            for causal in (False, True):
+                label = f"{tuple(shape)} w={w} r={r} {str(dtype).removeprefix('torch.')} dQ reductions{' causal' if causal else ''}"
+                rows.append({"case": label, **_guarded(_check, shape, w, r, dtype, "longnet", causal)})
+    finally:
+        if saved is None:
+            os.environ.pop(DQ_ENV, None)
+        else:
+            os.environ[DQ_ENV] = saved
     return rows
 
 
@@ -475,7 +493,8 @@ def print_comparisons(targets: dict[str, Any]) -> None:
         f"fwd+bwd {_verdict(targets['head_groups_fwd_bwd_vs_gather'], bwd_goal)}"
     )
     print(
-        "fwd+bwd under torch.use_deterministic_algorithms / default (the backward is deterministic either way): "
+        "fwd+bwd under torch.use_deterministic_algorithms / default (the default backward is the deterministic "
+        "one unless DILATED_ATTN_TRITON_DQ=atomic): "
         + _verdict(targets["deterministic_slowdown"], DETERMINISTIC_SLOWDOWN, at_most=True)
     )
     record = targets["memory_fwd_bwd"]

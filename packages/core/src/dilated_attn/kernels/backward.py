@@ -5,7 +5,9 @@ gradients ``dS = P * (dO.V - D)`` with ``D = rowsum(dO * O) - dlse`` computed on
 so each pattern's contribution is independent of the others and is added into ``dq, dk, dv``.
 Per pattern two kernels run on the same strided rows as the forward: one program per key block for
 ``dK, dV`` (looping over query blocks) and one per query block for ``dQ`` (looping over key blocks),
-which recomputes ``P`` instead of racing on ``dQ`` with atomics.
+which recomputes ``P`` (a fixed summation order: bitwise reproducible). Optionally
+(``DILATED_ATTN_TRITON_DQ=atomic``, see ``dq_mode``) the dK/dV kernel also adds ``dS K`` into a float32
+dQ accumulator with Hopper's bulk reductions and no dQ kernel runs.
 
 With grouped-query attention the ``g = h / h_kv`` query heads of a K/V head add into its ``dK, dV``;
 those with the same offset ``j % r`` select the same key rows, those with different offsets disjoint
@@ -33,6 +35,7 @@ from dilated_attn.kernels.geometry import (
 )
 from dilated_attn.kernels.launches import Launch, LaunchPlan
 from dilated_attn.kernels.tuning import (
+    TMA_ENV,
     configs_for,
     device_guard,
     dot_precision,
@@ -827,6 +830,7 @@ def backward_launch(
     causal: bool,
     scale: float,
     dq_mode: int = 0,
+    tune_class: int | None = None,
 ) -> None:
     """Add one pattern's gradients into ``dq, dk, dv`` (or write them, for a head's first launch).
 
@@ -835,7 +839,8 @@ def backward_launch(
     strides (the backward passes head-major ones). ``dq`` is like ``q`` (written or merged by a dQ kernel that recomputes
     the scores, ``dq_mode=0``), or with ``dq_mode`` 1 (element atomics) or 2 (bulk reductions) a
     float32 accumulator with ``q``'s row and head strides that the dK/dV kernel adds the scaled
-    ``dS K`` into.
+    ``dS K`` into. ``tune_class``: the whole call's ``tuning_class`` when this launch covers a part
+    of it (default: from these tensors' shape).
     """
     b, n, h, d = q.shape
     max_rows = launch.max_rows()
@@ -875,12 +880,11 @@ def backward_launch(
         max_rows,
         scale * math.log2(math.e),
         scale,
-        tuning_class(b, n, h),
+        tuning_class(b, n, h) if tune_class is None else tune_class,
     )
-    if dq_mode:
-        acc = dq
-    else:
-        acc = _dummy(q.device)
+    # Without dQ reductions the dK/dV kernel never touches its accumulator argument; a fresh one-element
+    # tensor stands in (the tuner zeroes it; allocated per call, so CUDA graph capture owns it too).
+    acc = dq if dq_mode else torch.empty(1, dtype=torch.float32, device=q.device)
     _dkdv_tuned[grid](
         q, k, v, dout, lse, delta, dk, dv, acc, acc.stride(0), *geometry,
         ACCUMULATE=launch.kv_accumulate, DQ_MODE=dq_mode, **common,
@@ -889,43 +893,38 @@ def backward_launch(
         _dq_tuned[grid](q, k, v, dout, lse, delta, dq, *geometry, ACCUMULATE=launch.accumulate, **common)
 
 
-_DUMMIES: dict[torch.device, torch.Tensor] = {}
-
-
-def _dummy(device: torch.device) -> torch.Tensor:
-    """A one-element float32 tensor standing in for the dQ accumulator when there is none."""
-    if device not in _DUMMIES:
-        _DUMMIES[device] = torch.zeros(1, dtype=torch.float32, device=device)
-    return _DUMMIES[device]
-
-
 def dq_mode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor) -> int:
     """How dQ is computed: 0 (a dQ kernel per pattern recomputes the scores; bitwise reproducible),
-    1 (float32 element atomics in the dK/dV kernel) or 2 (float32 tile reductions by the tensor
-    memory accelerator in the dK/dV kernel); 1 and 2 sum in a run-dependent order and hold a float32
-    accumulator of a quarter of a 16-bit output.
+    2 (float32 tile reductions by the tensor memory accelerator in the dK/dV kernel) or, on Triton's
+    interpreter only (to test the accumulation), 1 (float32 element atomics in the dK/dV kernel);
+    1 and 2 sum in a run-dependent order and hold a float32 accumulator (``dq_chunk``).
 
     ``DILATED_ATTN_TRITON_DQ``: ``auto``/``recompute`` (default: 0; on an H200 at longnet-1m the
-    reductions measured within 2 % of it either way, so reproducibility decides), ``atomic`` (2 for
-    16-bit inputs on sm_90+ with head sizes 16..128, else 1). ``torch.use_deterministic_algorithms(True)``
-    means 0 whatever the setting.
+    reductions measured within 2.5 % of it either way, so reproducibility decides), ``atomic`` (2 for
+    16-bit inputs on sm_90+ with head sizes 16, 32, 64 or 128, unless ``DILATED_ATTN_TRITON_TMA=0``;
+    elsewhere 0, since element atomics measured slower than recomputing on every row).
+    ``torch.use_deterministic_algorithms(True)`` means 0 whatever the setting.
     """
     setting = os.environ.get(DQ_ENV, "auto").strip().lower()
     if setting not in ("auto", "atomic", "recompute"):
         raise ValueError(f"{DQ_ENV}={setting!r} must be one of 'auto', 'atomic', 'recompute'")
     if setting != "atomic" or torch.are_deterministic_algorithms_enabled():
         return 0
+    if interpreting():
+        return 1
     bulk = (
         q.is_cuda
-        and not interpreting()
+        and os.environ.get(TMA_ENV, "auto").strip().lower() != "0"
         and tma_eligible(q, k, v, dout)
         and torch.cuda.get_device_capability(q.device) >= (9, 0)
     )
-    return 2 if bulk else 1
+    return 2 if bulk else 0
 
 
 # The dQ accumulator covers about this share of the sequence at a time (whole segments of every
-# pattern): float32 over an eighth of the length is a quarter of a 16-bit output.
+# pattern): float32 over an eighth of the length is a quarter of a 16-bit output. Patterns whose
+# segment lengths have a least common multiple above n / 8 need longer passes (up to all of n:
+# twice a 16-bit output).
 DQ_CHUNKS = 8
 
 
@@ -934,7 +933,7 @@ def dq_chunk(n: int, plan: LaunchPlan) -> int:
     step = 1
     for launch in plan.launches:
         step = math.lcm(step, launch.segment)
-    return min(n, step * max(1, -(-n // (DQ_CHUNKS * step))))
+    return max(1, min(n, step * max(1, -(-n // (DQ_CHUNKS * step)))))
 
 
 # The backward reads the LSE and D of each query row once per key block (a 4-byte load per row): in a
@@ -971,7 +970,7 @@ def backward(
     reaches the LSE. dQ comes from a dQ kernel per pattern or from the dK/dV kernel (``dq_mode``). In
     the second case the sequence is taken in chunks of whole segments (``dq_chunk``), each with every
     pattern adding into one float32 accumulator that is then cast into ``dq``: the accumulator costs
-    a quarter of a 16-bit output. With a dQ kernel each gradient row has one writer per launch and launches run
+    a quarter of a 16-bit output where the segment lengths allow (see ``DQ_CHUNKS``). With a dQ kernel each gradient row has one writer per launch and launches run
     in a fixed order, so the result is bitwise reproducible run to run.
     """
     dout, q, k, v, out = (t.contiguous() for t in (dout, q, k, v, out))
@@ -989,8 +988,9 @@ def backward(
             for launch in plan.launches:
                 backward_launch(dout, q, k, v, lse, delta, dq, dk, dv, launch, causal=causal, scale=scale)
             return dq, dk, dv
-        n = q.shape[1]
+        b, n, h, _ = q.shape
         chunk = dq_chunk(n, plan)
+        tune = tuning_class(b, n, h)
         acc = torch.empty((q.shape[0], chunk, *q.shape[2:]), dtype=torch.float32, device=q.device)
         for start in range(0, n, chunk):
             part = slice(start, min(n, start + chunk))
@@ -1001,6 +1001,7 @@ def backward(
                 backward_launch(
                     dout[:, part], q[:, part], k[:, part], v[:, part], lse[:, part], delta[:, part],
                     acc_part, dk[:, part], dv[:, part], launch, causal=causal, scale=scale, dq_mode=mode,
+                    tune_class=tune,
                 )  # fmt: skip
             dq[:, part].copy_(acc_part)
     return dq, dk, dv
