@@ -362,10 +362,18 @@ def _kernel_parser(sub: Any) -> None:
         default=[2 << 20, 4 << 20, 8 << 20],
         help="comma-separated lengths (suffix K or M) tried for the longest runs (default 2M,4M,8M)",
     )
-    k.add_argument(
+    only = k.add_mutually_exclusive_group()
+    only.add_argument(
         "--variants",
         action="store_true",
         help="only time the forward under each kernel variant (tensor descriptors or pointer loads, tiles)",
+    )
+    only.add_argument(
+        "--backward-variants",
+        action="store_true",
+        help="only time forward+backward of the full-length target rows under each backward variant (dQ "
+        "recomputed or by tile reductions, LSE head-major or not), --runs times, with the autotuner's "
+        "timing of every backward tile",
     )
     k.add_argument(
         "--variant-tiles",

@@ -2,6 +2,7 @@
 
     dilated-attn-bench kernel --out kernel.json
     dilated-attn-bench kernel --variants --out kernel-variants.json
+    dilated-attn-bench kernel --backward-variants --out kernel-backward-variants.json
 
 In one process: autotuning on the ``longnet-1m`` shape, correctness against the float64 oracle at
 medium sizes, ``longnet-1m`` (bf16, b=1, n=2^20, h=16, d=64) forward and forward+backward TFLOP/s
@@ -363,6 +364,70 @@ def forward_variants(
     return rows
 
 
+# Backward variants: (DILATED_ATTN_TRITON_DQ, LSE and D head-major in the backward).
+BACKWARD_VARIANTS = (("recompute", True), ("recompute", False), ("atomic", True), ("atomic", False))
+
+
+def _variant_name(dq: str, head_major: bool) -> str:
+    return f"dQ {'reductions' if dq == 'atomic' else 'recomputed'}, LSE {'head-major' if head_major else '(b, n, h)'}"
+
+
+def backward_variants(n: int, runs: int) -> dict[str, Any]:
+    """Forward+backward of every full-length target row under each backward variant (dQ recomputed
+    or by tile reductions; LSE and D head-major or not), each ratio against a ceiling timed in the same
+    run, ``runs`` times; the autotuner's timing of every backward tile it tried (first launch, ms)."""
+    from dilated_attn.kernels import backward
+
+    saved = (os.environ.get(backward.DQ_ENV), backward.HEAD_MAJOR_STATS)
+    rows = [row for row in TARGET_ROWS if row[5] == 1]
+    results: dict[str, Any] = {"rows": {}, "tile_timings": {}}
+    progress = tqdm(total=len(rows) * runs * len(BACKWARD_VARIANTS), desc="backward variants", unit="call")
+    try:
+        for label, mode, causal, heads, head_dim, *_ in rows:
+            shape = {"causal": causal, "heads": heads, "head_dim": head_dim}
+            row: dict[str, Any] = {"runs": []}
+            for _ in range(runs):
+                run: dict[str, Any] = {
+                    "ceiling": _guarded(ceiling, n, SDPBackend.CUDNN_ATTENTION, grad=True, **shape)
+                }
+                for dq, head_major in BACKWARD_VARIANTS:
+                    os.environ[backward.DQ_ENV] = dq
+                    backward.HEAD_MAJOR_STATS = head_major
+                    record = _guarded(throughput, n, mode, "triton", grad=True, **shape)
+                    record["ratio"] = _ratio(record, run["ceiling"])
+                    run[_variant_name(dq, head_major)] = record
+                    for name, kernel in (("dkdv", backward._dkdv_tuned), ("dq", backward._dq_tuned)):
+                        timings = getattr(kernel, "configs_timings", None)
+                        if timings:
+                            results["tile_timings"][f"{label}, dQ {dq}, {name}"] = {
+                                str(config): value for config, value in timings.items()
+                            }
+                            kernel.configs_timings = None
+                    progress.update()
+                row["runs"].append(run)
+            row["ratios"] = {
+                _variant_name(*v): _median([r[_variant_name(*v)]["ratio"] for r in row["runs"]])
+                for v in BACKWARD_VARIANTS
+            }
+            results["rows"][label] = row
+    finally:
+        progress.close()
+        if saved[0] is None:
+            os.environ.pop(backward.DQ_ENV, None)
+        else:
+            os.environ[backward.DQ_ENV] = saved[0]
+        backward.HEAD_MAJOR_STATS = saved[1]
+    return results
+
+
+def print_backward_variants(results: dict[str, Any]) -> None:
+    names = [_variant_name(*v) for v in BACKWARD_VARIANTS]
+    print("\n| row (fwd+bwd / ceiling) | " + " | ".join(names) + " |")
+    print("|---|" + "---:|" * len(names))
+    for label, row in results["rows"].items():
+        print(f"| {label} | " + " | ".join(_num(row["ratios"][name]) for name in names) + " |")
+
+
 # The fused-kernel issue's rows: (label, mode, causal, heads, head_dim, n divisor, forward target,
 # forward+backward target), each a ratio of useful TFLOP/s to the cuDNN segment ceiling of the same
 # heads, head_dim and causality. The short row has no targets of its own: it must stay within
@@ -553,6 +618,12 @@ def main(args: argparse.Namespace) -> int:
         rows = forward_variants(args.n, tuple(args.variant_tiles))
         with open(out, "w") as fh:
             json.dump({"device": torch.cuda.get_device_name(), "variants": rows}, fh, indent=2, default=str)
+        return 0
+    if args.backward_variants:
+        study = backward_variants(args.n, args.runs)
+        with open(out, "w") as fh:
+            json.dump({"device": torch.cuda.get_device_name(), **study}, fh, indent=2, default=str)
+        print_backward_variants(study)
         return 0
     import triton
 
