@@ -47,3 +47,18 @@ def test_backward_variants_set_and_restore_each_setting(monkeypatch, capsys):
 
 def test_variant_studies_are_exclusive(usage_error):
     usage_error(["kernel", "--out", "k.json", "--variants", "--backward-variants"], "not allowed with")
+
+
+@pytest.mark.parametrize(
+    "name, flags, ones",
+    [("forward", (), True), ("dkdv", ("DQ_BULK",), False), ("dq", (), True)],
+    ids=["forward-args-one", "dkdv-dq-reductions", "dq-args-one"],
+)
+def test_compile_check_compiles_for_sm90_without_a_gpu(name, flags, ones):
+    # Each kernel's argument list differs (the backward's LSE head stride, the dQ accumulator): the
+    # check must build every kernel's signature, with integer arguments specialised to 1 too.
+    from dilated_attn.kernels.tuning import _CANDIDATES
+    from dilated_attn_bench.compile_check import KERNELS, compile_one
+
+    result = compile_one(KERNELS[name], "bf16", 64, _CANDIDATES[name][64][0], 90, ones, flags)
+    assert result["wgmma"] and result["registers"] > 0

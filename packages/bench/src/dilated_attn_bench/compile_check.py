@@ -94,7 +94,7 @@ def compile_one(
     if "DQ_MODE" in kernel.arg_names:
         constants["DQ_MODE"] = 2 if "DQ_BULK" in flags else 0
     if ones:
-        constants.update({name: 1 for name in _MAY_BE_ONE})
+        constants.update({name: 1 for name in _MAY_BE_ONE if name in kernel.arg_names})
     aligned = [n for n in kernel.arg_names if (n.isupper() or n in _STRIDES) and n not in constants]
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     source = ASTSource(kernel, _signature(kernel, dtype, constants), constexprs=constants, attrs=attrs)

@@ -25,9 +25,12 @@ _TMA_HEAD_DIMS = (16, 32, 64, 128)
 # forward and dQ kernels, key rows in the dK/dV kernel); BLOCK_N is the tile it loops over. The first
 # of each tier, the default for calls too small to tune, is the one the tuner picked on an H200
 # (forward: 2026-11-22, longnet-1m for d = 64, medium sizes for 128 and 256; backward at d = 64 and
-# 128: 2026-11-30, longnet-1m, from the candidates' timings, which also pruned the lists). `dilated-attn-bench compile-check` compiles them
-# all for sm_90: every one uses wgmma except the 32-row d = 256 tiles; up to d = 128 all but three
-# spill no registers (those three spill 16-40 bytes), and most d = 256 tiles spill 60-300 bytes.
+# 128: 2026-11-30, longnet-1m, from the candidates' timings, which also pruned the lists).
+# `dilated-attn-bench compile-check` compiles them all for sm_90 (Triton 3.9, 2026-11-30): every one
+# uses wgmma except the 32-row d = 256 tiles; in bf16 up to d = 128 only the d = 64 forward 128x64 with
+# 4 warps (24 bytes) and the d = 128 dK/dV tiles 128x32 and 64x64 (40 and 32 bytes) spill registers
+# (128x32 still timed 1.5x faster than the next), with dQ reductions also the grouped d = 64 dK/dV
+# tile (88 bytes); most d = 256 tiles spill 48-300 bytes.
 _CANDIDATES: dict[str, dict[int, tuple[tuple[int, int, int, int], ...]]] = {
     "forward": {
         64: ((128, 64, 8, 4), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)),
