@@ -23,6 +23,7 @@ from dilated_attn.backends.triton import DTYPES, HEAD_DIMS, register_triton, tri
 from dilated_attn.functional import build_request, dilated_attention  # noqa: E402
 from dilated_attn.kernels import op, tuning  # noqa: E402
 from dilated_attn.kernels.launches import plan_launches  # noqa: E402
+from dilated_attn.kernels.segments import ENGINE_ENV  # noqa: E402
 from dilated_attn.reference import dilated_attention_reference  # noqa: E402
 from dilated_attn.registry import get_registry  # noqa: E402
 from dilated_attn.testing import TOLERANCES, BackendConformance, relative_error  # noqa: E402
@@ -58,6 +59,13 @@ def interpreted_backend():
         yield
     finally:
         registry.unregister(name)
+
+
+@pytest.fixture(autouse=True)
+def triton_engine(monkeypatch):
+    """The Triton kernels themselves: on a GPU the segment engine would otherwise take most calls
+    (it has tests of its own in test_segments.py)."""
+    monkeypatch.setenv(ENGINE_ENV, "triton")
 
 
 def triton_dilated_attention(q, k, v, w, r, **kwargs):

@@ -357,6 +357,13 @@ def _kernel_parser(sub: Any) -> None:
         "takes over 10 minutes on an H200, so split it where a job has a time limit)",
     )
     k.add_argument(
+        "--engine",
+        choices=("auto", "triton"),
+        default="auto",
+        help="segment attention of the fused backend: auto (cuDNN on strided views where it runs, as users "
+        "get it) or triton (the Triton kernels only); sets DILATED_ATTN_ENGINE for the run",
+    )
+    k.add_argument(
         "--longest",
         type=token_counts,
         default=[2 << 20, 4 << 20, 8 << 20],

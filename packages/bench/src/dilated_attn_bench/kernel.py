@@ -614,6 +614,9 @@ def main(args: argparse.Namespace) -> int:
         )
     if not torch.cuda.is_available():
         raise UsageError("needs a CUDA device")
+    from dilated_attn.kernels.segments import ENGINE_ENV
+
+    os.environ[ENGINE_ENV] = args.engine
     if args.variants:
         rows = forward_variants(args.n, tuple(args.variant_tiles))
         with open(out, "w") as fh:
@@ -633,6 +636,7 @@ def main(args: argparse.Namespace) -> int:
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,
+        "engine": args.engine,
         "n": n,
         "pattern": {
             "segment_lengths": SEGMENTS,
@@ -666,7 +670,8 @@ def main(args: argparse.Namespace) -> int:
 
 def _print_table(results: dict[str, Any]) -> None:
     print(
-        f"\n{results['device']}, torch {results['torch']}, triton {results['triton']}, {results['date']}, n={results['n']}"
+        f"\n{results['device']}, torch {results['torch']}, triton {results['triton']}, engine {results.get('engine', 'auto')}, "
+        f"{results['date']}, n={results['n']}"
     )
     if "correctness" in results:
         failed = [row["case"] for row in results["correctness"] if not row.get("passed")]

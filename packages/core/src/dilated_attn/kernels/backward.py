@@ -34,6 +34,8 @@ from dilated_attn.kernels.geometry import (
     row_source,
 )
 from dilated_attn.kernels.launches import Launch, LaunchPlan
+from dilated_attn.kernels.segments import backward_launch as segment_backward_launch
+from dilated_attn.kernels.segments import segment_engine
 from dilated_attn.kernels.tuning import (
     TMA_ENV,
     configs_for,
@@ -971,15 +973,26 @@ def backward(
     the second case the sequence is taken in chunks of whole segments (``dq_chunk``), each with every
     pattern adding into one float32 accumulator that is then cast into ``dq``: the accumulator costs
     a quarter of a 16-bit output where the segment lengths allow (see ``DQ_CHUNKS``). With a dQ kernel each gradient row has one writer per launch and launches run
-    in a fixed order, so the result is bitwise reproducible run to run.
+    in a fixed order, so the result is bitwise reproducible run to run. Where the segment engine takes
+    the call (``kernels.segments.segment_engine``: no ``dlse``, not deterministic) it runs every launch.
     """
     dout, q, k, v, out = (t.contiguous() for t in (dout, q, k, v, out))
-    dlse = None if dlse is None else dlse.contiguous()
-    lse = stats_head_major(lse) if HEAD_MAJOR_STATS else lse.contiguous()
     dtype = q.dtype if grad_dtype is None else grad_dtype
-    mode = dq_mode(q, k, v, dout)
     make = torch.zeros if plan.needs_init else torch.empty
     make_kv = torch.zeros if plan.kv_needs_init else torch.empty
+    if segment_engine(q, k, backward=True, dlse=dlse is not None):
+        lse = lse.contiguous()
+        dq = make(q.shape, dtype=dtype, device=q.device)
+        dk, dv = (make_kv(t.shape, dtype=dtype, device=t.device) for t in (k, v))
+        with device_guard(q):
+            for launch in plan.launches:
+                segment_backward_launch(
+                    dout, q, k, v, out, lse, dq, dk, dv, launch, causal=causal, scale=scale
+                )
+        return dq, dk, dv
+    dlse = None if dlse is None else dlse.contiguous()
+    lse = stats_head_major(lse) if HEAD_MAJOR_STATS else lse.contiguous()
+    mode = dq_mode(q, k, v, dout)
     dq = (torch.empty if mode else make)(q.shape, dtype=dtype, device=q.device)
     dk, dv = (make_kv(t.shape, dtype=dtype, device=t.device) for t in (k, v))
     with device_guard(q):

@@ -28,6 +28,8 @@ from dilated_attn.kernels.geometry import (
     row_source,
 )
 from dilated_attn.kernels.launches import Launch, LaunchPlan
+from dilated_attn.kernels.segments import first_launch_whole, segment_engine
+from dilated_attn.kernels.segments import forward_launch as segment_forward_launch
 from dilated_attn.kernels.tuning import (
     configs_for,
     device_guard,
@@ -310,17 +312,27 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every launch of ``plan``: ``out`` ``(b, n, h, d)`` in ``out_dtype`` (default: ``q``'s) and
     ``lse`` ``(b, n, h)`` float32. Outputs start zeroed (``lse = -inf``) only when the plan leaves rows
-    unwritten, so rows no launch reaches give 0 and ``-inf``."""
+    unwritten, so rows no launch reaches give 0 and ``-inf``. Launches run on the segment engine
+    (``kernels.segments``) where it takes these inputs, else on the Triton kernel."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     b, n, h, _ = q.shape
     dtype = q.dtype if out_dtype is None else out_dtype
-    if plan.needs_init:
-        out = torch.zeros(q.shape, dtype=dtype, device=q.device)
-        lse = torch.full((b, n, h), float("-inf"), dtype=torch.float32, device=q.device)
-    else:
-        out = torch.empty(q.shape, dtype=dtype, device=q.device)
-        lse = torch.empty((b, n, h), dtype=torch.float32, device=q.device)
+    engine = segment_engine(q, k)
+    launches = plan.launches
     with device_guard(q):
-        for launch in plan.launches:
-            forward_launch(q, k, v, out, lse, launch, causal=causal, scale=scale)
+        whole = None
+        if engine and launches and not plan.needs_init and dtype == q.dtype:
+            whole = first_launch_whole(q, k, v, launches[0], causal=causal, scale=scale)
+        if whole is not None:
+            out, lse = whole
+            launches = launches[1:]
+        elif plan.needs_init:
+            out = torch.zeros(q.shape, dtype=dtype, device=q.device)
+            lse = torch.full((b, n, h), float("-inf"), dtype=torch.float32, device=q.device)
+        else:
+            out = torch.empty(q.shape, dtype=dtype, device=q.device)
+            lse = torch.empty((b, n, h), dtype=torch.float32, device=q.device)
+        for launch in launches:
+            run = segment_forward_launch if engine else forward_launch
+            run(q, k, v, out, lse, launch, causal=causal, scale=scale)
     return out, lse

@@ -1,0 +1,380 @@
+"""The segment engine: a pattern's attention by cuDNN's fused SDPA on strided views, merged in place.
+
+For a pattern ``(W, r)`` the query heads with offset ``o`` (``j % r == o``) select rows ``o, o + r, ...``
+of every segment. On a contiguous ``(b, n, h, d)`` tensor those rows and heads form a strided view
+``(segments, rows, heads, d)`` (row stride ``r * h * d``, head stride ``r * d``, segment stride
+``W * h * d``), and a segment engine runs dense attention on a batch of such views with no gather copy:
+exactly the work of the segment ceiling (cuDNN SDPA on independent segments), at its speed. Each call
+returns its rows' output and log-sum-exp, which a small Triton kernel merges into ``out``/``lse`` like
+the fused kernel's own epilogue; the backward takes the merged ``out`` and ``lse`` (so ``P`` and
+``D = rowsum(dO * O)`` are the merged ones, as in ``kernels.backward``) and adds each call's ``dQ, dK,
+dV`` into the gradients at the same views. A segment shorter than ``W`` at the end of the sequence is
+a call of its own; ``W`` need not be a multiple of ``r``.
+
+Where it runs (``segment_engine``): CUDA on sm_90+, 16-bit inputs, head size a multiple of 8 up to 128,
+K/V heads equal to query heads, cuDNN attention enabled in torch (``torch.backends.cuda.
+enable_cudnn_sdp``); the backward also needs no LSE gradient and not ``torch.use_deterministic_
+algorithms(True)`` (cuDNN's backward sums dQ in a run-dependent order); elsewhere the Triton kernels
+run. ``DILATED_ATTN_ENGINE=triton`` turns the engine off. Tests give the CPU an engine of its own
+(torch's CPU flash attention) through ``ENGINES``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from dilated_attn.kernels.launches import Launch
+from dilated_attn.kernels.tuning import head_dim_pad
+
+ENGINE_ENV = "DILATED_ATTN_ENGINE"
+
+# Query rows times heads per library call in the backward: bounds its temporaries (three 16-bit
+# gradients and cuDNN's float32 dQ accumulator, ~10 bytes per element) to 1/16 of a 1M-token,
+# 16-head output at d = 64; measured no slower than whole-pattern calls.
+BACKWARD_ROWS_PER_CALL = 1 << 20
+
+# (q, k, v, causal, scale) -> out (B, hc, S, d), lse (B, hc, S) float32
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]]
+# (dout, q, k, v, out, lse (B, hc, S) contiguous, causal, scale) -> dq, dk, dv
+Backward = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Engine:
+    forward: Forward
+    backward: Backward
+    dtypes: tuple[torch.dtype, ...]
+    max_head_dim: int
+    min_capability: tuple[int, int] | None  # CUDA only
+
+
+def _cudnn_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    result = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True, 0.0, causal, False, scale=scale
+    )
+    out, lse = result[0], result[1]
+    return out, lse.reshape(lse.shape[:3])
+
+
+def _cudnn_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    s_q, s_k = q.shape[2], k.shape[2]
+    grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse.unsqueeze(-1),
+        None,
+        None,
+        None,
+        None,
+        None,
+        s_q,
+        s_k,
+        0.0,
+        causal,
+        scale=scale,
+    )
+    return grads[0], grads[1], grads[2]
+
+
+def cpu_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's CPU flash attention with its log-sum-exp (the engine tests give the CPU)."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    return out, lse
+
+
+def cpu_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout, q, k, v, out, lse, 0.0, causal, scale=scale
+    )
+    return grads[0], grads[1], grads[2]
+
+
+# Engines by device type. cuDNN's SDPA measured at the segment ceiling on strided views on an H200;
+# sm_80 is left to the Triton kernels until measured there.
+ENGINES: dict[str, Engine] = {
+    "cuda": Engine(_cudnn_forward, _cudnn_backward, (torch.float16, torch.bfloat16), 128, (9, 0)),
+}
+
+
+def engine_setting() -> str:
+    """``DILATED_ATTN_ENGINE``: ``auto`` (default: the segment engine where it runs) or ``triton``."""
+    setting = os.environ.get(ENGINE_ENV, "auto").strip().lower()
+    if setting not in ("auto", "triton"):
+        raise ValueError(f"{ENGINE_ENV}={setting!r} must be one of 'auto', 'triton'")
+    return setting
+
+
+def unsupported(q: torch.Tensor, k: torch.Tensor) -> str | None:
+    """Why the segment engine cannot run ``q`` ``(b, n, h, d)`` with ``k`` ``(b, n, h_kv, d)``, or None."""
+    engine = ENGINES.get(q.device.type)
+    if engine is None:
+        return f"no segment engine on device type {q.device.type!r}"
+    if q.dtype not in engine.dtypes:
+        return f"dtype {q.dtype} not in {engine.dtypes}"
+    d = q.shape[-1]
+    if d % 8 or d > engine.max_head_dim:
+        return f"head_dim {d} is not a multiple of 8 up to {engine.max_head_dim}"
+    if k.shape[2] != q.shape[2]:
+        return f"grouped K/V heads ({k.shape[2]} for {q.shape[2]} query heads)"
+    if q.is_cuda:
+        if not torch.backends.cuda.cudnn_sdp_enabled() or not torch.backends.cudnn.is_available():
+            return "cuDNN attention is not available or disabled (torch.backends.cuda.enable_cudnn_sdp)"
+        if (
+            engine.min_capability is not None
+            and torch.cuda.get_device_capability(q.device) < engine.min_capability
+        ):
+            return f"compute capability below sm_{engine.min_capability[0]}{engine.min_capability[1]}"
+    return None
+
+
+def segment_engine(q: torch.Tensor, k: torch.Tensor, *, backward: bool = False, dlse: bool = False) -> bool:
+    """Whether the segment engine runs this call (see the module docstring)."""
+    if engine_setting() == "triton" or unsupported(q, k) is not None:
+        return False
+    return not (backward and (dlse or torch.are_deterministic_algorithms_enabled()))
+
+
+@dataclass(frozen=True)
+class _Block:
+    """Whole segments of ``seglen`` tokens in ``[start, stop)``, of batch element ``batch`` (None: all)."""
+
+    batch: int | None
+    start: int
+    stop: int
+    seglen: int
+
+
+def _blocks(b: int, n: int, segment: int) -> list[_Block]:
+    full = n // segment * segment
+    blocks = []
+    if full:
+        if b == 1 or full == n:
+            blocks.append(_Block(None, 0, full, segment))
+        else:  # batch and segment strides do not merge into one: a call per batch element
+            blocks.extend(_Block(i, 0, full, segment) for i in range(b))
+    if full < n:
+        blocks.append(_Block(None, full, n, n - full))
+    return blocks
+
+
+def _offsets(launch: Launch) -> Iterator[tuple[int, slice]]:
+    """``(o, heads)`` for each offset class of the launch's heads that has any."""
+    r, lo, hi = launch.dilation, launch.head0, launch.head0 + launch.num_heads
+    for o in range(r):
+        first = lo + (o - lo) % r
+        if first < hi:
+            yield o, slice(first, hi, r)
+
+
+def _view(t: torch.Tensor, block: _Block, o: int, r: int, heads: slice) -> torch.Tensor:
+    """Rows ``o::r`` of every segment of ``block`` at ``heads``: ``(segments, rows, heads, ...)``, a view."""
+    part = (
+        t[:, block.start : block.stop]
+        if block.batch is None
+        else t[block.batch, None, block.start : block.stop]
+    )
+    segments = part.shape[0] * ((block.stop - block.start) // block.seglen)
+    return part.view(segments, block.seglen, *part.shape[2:])[:, o::r, heads]
+
+
+def _calls(
+    b: int, n: int, launch: Launch, *, rows_per_call: int | None = None
+) -> Iterator[tuple[_Block, int, slice, slice]]:
+    """``(block, o, heads, segments)``: the library calls of one launch, each on ``segments`` of a block's view."""
+    r = launch.dilation
+    for o, heads in _offsets(launch):
+        count = len(range(heads.start, heads.stop, r))
+        for block in _blocks(b, n, launch.segment):
+            rows = len(range(o, block.seglen, r))
+            if not rows:
+                continue
+            segments = (1 if block.batch is not None else b) * ((block.stop - block.start) // block.seglen)
+            step = segments if rows_per_call is None else max(1, rows_per_call // (rows * count))
+            for first in range(0, segments, step):
+                yield block, o, heads, slice(first, min(segments, first + step))
+
+
+@triton.jit
+def _merge_kernel(
+    O,
+    L,
+    A,
+    M,
+    rows,
+    heads,
+    row_blocks,
+    o_b,
+    o_s,
+    o_h,
+    l_b,
+    l_s,
+    l_h,
+    a_b,
+    a_s,
+    a_h,
+    m_b,
+    m_s,
+    m_h,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    block = pid % row_blocks
+    bh = pid // row_blocks
+    hh = bh % heads
+    bb = bh // heads
+    r = block * BLOCK + tl.arange(0, BLOCK)
+    c = tl.arange(0, HEAD_DIM_PAD)
+    rmask = r < rows
+    mask = rmask[:, None] & (c < HEAD_DIM)[None, :]
+    li = tl.load(L + bb * l_b + hh * l_h + r * l_s, mask=rmask, other=float("-inf"))
+    la = tl.load(M + bb * m_b + hh * m_h + r * m_s, mask=rmask, other=float("-inf"))
+    top = tl.maximum(li, la)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    ei = tl.exp(li - top)
+    ea = tl.exp(la - top)
+    total = ei + ea
+    some = total > 0.0  # both -inf (a row no call has reached yet): output 0, lse -inf
+    safe_total = tl.where(some, total, 1.0)
+    inv = tl.where(some, 1.0 / safe_total, 0.0)
+    oi = tl.load(O + bb * o_b + hh * o_h + r[:, None] * o_s + c[None, :], mask=mask, other=0.0)
+    a_ptrs = A + bb * a_b + hh * a_h + r[:, None] * a_s + c[None, :]
+    oa = tl.load(a_ptrs, mask=mask, other=0.0)
+    merged = oa.to(tl.float32) * (ea * inv)[:, None] + oi.to(tl.float32) * (ei * inv)[:, None]
+    tl.store(a_ptrs, merged.to(A.dtype.element_ty), mask=mask)
+    tl.store(
+        M + bb * m_b + hh * m_h + r * m_s, tl.where(some, top + tl.log(safe_total), float("-inf")), mask=rmask
+    )
+
+
+def merge_into(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_lse: torch.Tensor) -> None:
+    """Merge ``part`` ``(B, S, hc, d)`` with log-sum-exps ``part_lse`` ``(B, S, hc)`` into the views
+    ``out`` (same shape, last stride 1) and ``lse``: ``out = (e^lse out + e^part_lse part) / e^new``."""
+    batch, rows, heads, d = out.shape
+    if not batch * rows * heads:
+        return
+    block = 32 if d > 64 else 64
+    row_blocks = triton.cdiv(rows, block)
+    _merge_kernel[(batch * heads * row_blocks,)](
+        part, part_lse, out, lse, rows, heads, row_blocks,
+        part.stride(0), part.stride(1), part.stride(2),
+        part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1), lse.stride(2),
+        HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad(d), BLOCK=block, num_warps=4,
+    )  # fmt: skip
+
+
+def forward_launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    launch: Launch,
+    *,
+    causal: bool,
+    scale: float,
+) -> None:
+    """Run one pattern by the segment engine and merge it into ``out`` and ``lse`` ``(b, n, h)`` (or
+    write them, for the heads' first launch); tensors as ``kernels.forward.forward_launch`` takes them."""
+    engine = ENGINES[q.device.type]
+    b, n = q.shape[:2]
+    r = launch.dilation
+    for block, o, heads, segs in _calls(b, n, launch):
+        qv, kv, vv, ov = (_view(t, block, o, r, heads)[segs] for t in (q, k, v, out))
+        lv = _view(lse, block, o, r, heads)[segs]
+        part, part_lse = engine.forward(
+            qv.transpose(1, 2), kv.transpose(1, 2), vv.transpose(1, 2), causal, scale
+        )
+        if launch.accumulate:
+            merge_into(ov, lv, part.transpose(1, 2), part_lse.transpose(1, 2))
+        else:
+            ov.copy_(part.transpose(1, 2))
+            lv.copy_(part_lse.transpose(1, 2))
+
+
+def first_launch_whole(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, launch: Launch, *, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(out, lse)`` of a first launch that writes every row of every head (``r == 1`` on all heads,
+    whole segments) as one call whose output is ``out`` itself (no copy where the engine's output has
+    the queries' layout, as cuDNN's has); None for any other launch."""
+    b, n, h, d = q.shape
+    if launch.dilation != 1 or launch.head0 or launch.num_heads != h or n % launch.segment:
+        return None
+    block = _Block(None, 0, n, launch.segment)
+    qv, kv, vv = (_view(t, block, 0, 1, slice(None)).transpose(1, 2) for t in (q, k, v))
+    part, part_lse = ENGINES[q.device.type].forward(qv, kv, vv, causal, scale)
+    lse = torch.empty((b, n, h), dtype=torch.float32, device=q.device)
+    _view(lse, block, 0, 1, slice(None)).copy_(part_lse.transpose(1, 2))
+    return part.transpose(1, 2).contiguous().view(b, n, h, d), lse
+
+
+def backward_launch(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    launch: Launch,
+    *,
+    causal: bool,
+    scale: float,
+) -> None:
+    """Add one pattern's gradients into ``dq, dk, dv`` (or write them, for the heads' first launch).
+
+    All tensors contiguous ``(b, n, h, d)`` but ``lse`` ``(b, n, h)`` (merged, contiguous); no LSE
+    gradient (``segment_engine``)."""
+    engine = ENGINES[q.device.type]
+    b, n = q.shape[:2]
+    r = launch.dilation
+    for block, o, heads, segs in _calls(b, n, launch, rows_per_call=BACKWARD_ROWS_PER_CALL):
+        views = [_view(t, block, o, r, heads)[segs] for t in (dout, q, k, v, out, dq, dk, dv)]
+        lv = _view(lse, block, o, r, heads)[segs]
+        grads = engine.backward(
+            *(t.transpose(1, 2) for t in views[:5]), lv.transpose(1, 2).contiguous(), causal, scale
+        )
+        for target, grad, accumulate in zip(
+            views[5:], grads, (launch.accumulate, launch.kv_accumulate, launch.kv_accumulate)
+        ):
+            if accumulate:
+                target.add_(grad.transpose(1, 2))
+            else:
+                target.copy_(grad.transpose(1, 2))

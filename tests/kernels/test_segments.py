@@ -1,0 +1,264 @@
+"""The segment engine (``dilated_attn.kernels.segments``) against the float64 oracle.
+
+On the CPU the engine's library calls are torch's CPU flash attention (registered here for the CPU) and
+its merge kernel runs on Triton's interpreter; on a GPU they are cuDNN's, at medium sizes. Gradients
+reach the segment engine's backward only through ``out`` (an LSE gradient takes the Triton backward),
+so every case checks both.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+import dilated_attn.kernels  # noqa: E402,F401 (registers the custom ops)
+from dilated_attn.kernels import segments, tuning  # noqa: E402
+from dilated_attn.kernels.launches import plan_launches  # noqa: E402
+from dilated_attn.pattern import DilationPattern  # noqa: E402
+from dilated_attn.reference import dilated_attention_reference  # noqa: E402
+from dilated_attn.testing import TOLERANCES, relative_error  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+interpreted = pytest.mark.skipif(
+    not tuning.interpreting(), reason="CPU checks need the kernels imported under TRITON_INTERPRET=1"
+)
+cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+CPU_ENGINE = segments.Engine(
+    segments.cpu_forward,
+    segments.cpu_backward,
+    (torch.float32, torch.float16, torch.bfloat16),
+    256,
+    None,
+)
+
+
+class _Counting:
+    """An engine's calls, counted (a test must know which engine ran)."""
+
+    def __init__(self, engine: segments.Engine) -> None:
+        self.engine = engine
+        self.forward_calls = self.backward_calls = 0
+
+    def install(self, monkeypatch: pytest.MonkeyPatch, device: str) -> None:
+        def forward(*args):
+            self.forward_calls += 1
+            return self.engine.forward(*args)
+
+        def backward(*args):
+            self.backward_calls += 1
+            return self.engine.backward(*args)
+
+        counted = segments.Engine(
+            forward, backward, self.engine.dtypes, self.engine.max_head_dim, self.engine.min_capability
+        )
+        monkeypatch.setitem(segments.ENGINES, device, counted)
+
+
+@pytest.fixture
+def engine(monkeypatch):
+    """The engine of this device (the CPU one registered for the test), counting its calls."""
+    device = "cuda" if HAS_CUDA else "cpu"
+    counting = _Counting(segments.ENGINES["cuda"] if HAS_CUDA else CPU_ENGINE)
+    counting.install(monkeypatch, device)
+    monkeypatch.delenv(segments.ENGINE_ENV, raising=False)
+    return counting
+
+
+def _attend(q, k, v, w, r, mode, causal):
+    return torch.ops.dilated_attn.triton_fwd(q, k, v, list(w), list(r), mode, causal, q.shape[-1] ** -0.5)
+
+
+def _check(shape, w, r, *, mode, causal, dtype, device, through, seed=0):
+    """Forward, lse and gradients through ``out`` only or through ``out`` and ``lse`` (``through``)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (
+        torch.randn(shape, generator=g).to(device=device, dtype=dtype).requires_grad_() for _ in range(3)
+    )
+    out, lse = _attend(q, k, v, w, r, mode, causal)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = dilated_attention_reference(q64, k64, v64, w, r, mode=mode, causal=causal, return_lse=True)
+    fwd_tol, grad_tol = TOLERANCES[dtype]
+    assert out.dtype == dtype and lse.dtype == torch.float32 and out.is_contiguous() and lse.is_contiguous()
+    assert relative_error(out, ref) <= fwd_tol
+    assert relative_error(lse, ref_lse) <= fwd_tol
+    empty = torch.isneginf(ref_lse)
+    assert torch.all(out.detach()[empty] == 0)
+    grad_out = torch.randn(shape, generator=g).to(device)
+    loss, ref_loss = (out.float() * grad_out).sum(), (ref * grad_out.double()).sum()
+    if through == "out and lse":
+        grad_lse = torch.randn(shape[:3], generator=g).to(device)
+        loss = loss + (lse[~empty] * grad_lse[~empty]).sum()
+        ref_loss = ref_loss + (ref_lse[~empty] * grad_lse[~empty].double()).sum()
+    loss.backward()
+    ref_loss.backward()
+    for name, ours, theirs in (("q", q, q64), ("k", k, k64), ("v", v, v64)):
+        err = relative_error(ours.grad, theirs.grad)
+        assert err <= grad_tol, f"d{name}: relative error {err:.3e} > {grad_tol:g}"
+
+
+# (shape, segment_lengths, dilation_rates, mode): whole segments (the first launch's output used in
+# place); a batch with a short last segment, r not dividing w and heads not dividing r; no r = 1
+# pattern (unselected rows stay zero); segments longer than the sequence; head groups.
+CPU_CASES = [
+    ((1, 96, 4, 16), [16, 32], [1, 2], "longnet"),
+    ((2, 53, 5, 16), [8, 12, 20], [1, 3, 4], "longnet"),
+    ((1, 45, 3, 8), [16, 32], [2, 4], "longnet"),
+    ((1, 20, 2, 16), [32, 64], [1, 2], "longnet"),
+    ((2, 40, 6, 16), [8, 16, 40], [1, 2, 4], "head_groups"),
+]
+
+
+@interpreted
+@pytest.mark.parametrize("through", ["out", "out and lse"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape, w, r, mode", CPU_CASES)
+def test_cpu_engine_matches_oracle(shape, w, r, mode, dtype, causal, through, engine, monkeypatch):
+    if dtype == torch.bfloat16 and through == "out and lse":
+        pytest.skip("an LSE gradient takes the Triton backward, whose interpreter cannot multiply bf16")
+    # Small calls in the backward, so that a block's segments split into several.
+    monkeypatch.setattr(segments, "BACKWARD_ROWS_PER_CALL", 24)
+    _check(shape, w, r, mode=mode, causal=causal, dtype=dtype, device="cpu", through=through)
+    assert engine.forward_calls > 0
+    assert (engine.backward_calls > 0) == (through == "out")
+
+
+@interpreted
+def test_engine_setting_triton_turns_it_off(engine, monkeypatch):
+    monkeypatch.setenv(segments.ENGINE_ENV, "triton")
+    _check(
+        (1, 40, 2, 16),
+        [8, 16],
+        [1, 2],
+        mode="longnet",
+        causal=False,
+        dtype=torch.float32,
+        device="cpu",
+        through="out",
+    )
+    assert engine.forward_calls == engine.backward_calls == 0
+
+
+def test_engine_setting_is_checked(monkeypatch):
+    monkeypatch.setenv(segments.ENGINE_ENV, "cudnn-please")
+    with pytest.raises(ValueError, match="DILATED_ATTN_ENGINE='cudnn-please' must be one of"):
+        segments.engine_setting()
+
+
+@interpreted
+def test_deterministic_algorithms_take_the_triton_backward(engine):
+    was, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        _check(
+            (1, 40, 2, 16),
+            [8, 16],
+            [1, 2],
+            mode="longnet",
+            causal=True,
+            dtype=torch.float32,
+            device="cpu",
+            through="out",
+        )
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+    assert engine.forward_calls > 0 and engine.backward_calls == 0
+
+
+@pytest.mark.parametrize(
+    "q_shape, kv_heads, dtype, reason",
+    [
+        ((1, 8, 4, 20), 4, torch.float32, "head_dim 20 is not a multiple of 8"),
+        ((1, 8, 4, 512), 4, torch.float32, "head_dim 512 is not a multiple of 8 up to 256"),
+        ((1, 8, 4, 16), 2, torch.float32, "grouped K/V heads"),
+        ((1, 8, 4, 16), 4, torch.float64, "dtype torch.float64 not in"),
+    ],
+)
+def test_unsupported_inputs_name_the_reason(q_shape, kv_heads, dtype, reason, monkeypatch):
+    monkeypatch.setitem(segments.ENGINES, "cpu", CPU_ENGINE)
+    q = torch.zeros(q_shape, dtype=dtype)
+    k = torch.zeros(q_shape[:2] + (kv_heads, q_shape[3]), dtype=dtype)
+    assert reason in segments.unsupported(q, k)
+    assert not segments.segment_engine(q, k)
+
+
+def test_no_engine_on_a_device_without_one(monkeypatch):
+    monkeypatch.delitem(segments.ENGINES, "cpu", raising=False)
+    q = torch.zeros(1, 8, 2, 16)
+    assert "no segment engine on device type 'cpu'" in segments.unsupported(q, q)
+
+
+@pytest.mark.parametrize("b, n, h", [(1, 96, 4), (2, 53, 5), (3, 7, 3), (2, 64, 6)])
+@pytest.mark.parametrize("mode", ["longnet", "head_groups"])
+@pytest.mark.parametrize("rows_per_call", [None, 5])
+def test_calls_cover_each_selected_row_once(b, n, h, mode, rows_per_call):
+    """Across a launch's calls every (batch, position, head) its pattern selects is visited exactly
+    once, and nothing else: the views are the SPEC's selection."""
+    w, r = [8, 12, 20, 128], [1, 3, 4, 5]
+    plan = plan_launches(n, h, w, r, mode)
+    pattern = DilationPattern(w, r)
+    index = torch.arange(b * n * h).view(b, n, h, 1)
+    for launch in plan.launches:
+        seen = torch.zeros(b * n * h, dtype=torch.long)
+        for block, o, heads, segs in segments._calls(b, n, launch, rows_per_call=rows_per_call):
+            view = segments._view(index, block, o, launch.dilation, heads)[segs]
+            seen.index_add_(0, view.reshape(-1), torch.ones(view.numel(), dtype=torch.long))
+        expected = torch.zeros(b, n, h, dtype=torch.long)
+        segment = min(launch.segment, n)
+        for j in range(launch.head0, launch.head0 + launch.num_heads):
+            positions = torch.arange(n)
+            expected[:, (positions % segment) % launch.dilation == j % launch.dilation, j] = 1
+        assert torch.equal(seen.view(b, n, h), expected), launch
+    assert pattern.segment_lengths == tuple(w)
+
+
+# -- GPU, medium sizes (cuDNN) --------------------------------------------------------------------
+
+CUDA_CASES = [
+    ((2, 1000, 6, 64), [128, 256, 512, 2048], [1, 2, 4, 3], "longnet"),
+    ((1, 4099, 4, 64), [512, 1024, 2048, 4096], [1, 2, 4, 8], "longnet"),
+    ((1, 8192, 16, 64), [2048, 4096, 8192], [1, 2, 4], "longnet"),
+    ((1, 2050, 5, 128), [256, 1024, 2050], [2, 3, 5], "longnet"),
+    ((1, 1537, 3, 32), [512, 1537], [1, 4], "head_groups"),
+    ((2, 4096, 6, 64), [1024, 2048, 4096], [1, 2, 4], "head_groups"),
+    ((1, 999, 2, 80), [333, 999], [1, 3], "longnet"),
+]
+
+
+@cuda
+@pytest.mark.parametrize("through", ["out", "out and lse"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape, w, r, mode", CUDA_CASES)
+def test_cuda_engine_matches_oracle(shape, w, r, mode, dtype, causal, through, engine):
+    _check(shape, w, r, mode=mode, causal=causal, dtype=dtype, device="cuda", through=through)
+    assert engine.forward_calls > 0
+    assert (engine.backward_calls > 0) == (through == "out")
+
+
+@cuda
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_cuda_engine_agrees_with_triton_kernels(causal, engine, monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    q, k, v, dout = (torch.randn(1, 8192, 8, 64, generator=g).cuda().bfloat16() for _ in range(4))
+    w, r = [1024, 2048, 4096], [1, 2, 4]
+    results = []
+    for setting in ("auto", "triton"):
+        monkeypatch.setenv(segments.ENGINE_ENV, setting)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, lse = _attend(*leaves, w, r, "longnet", causal)
+        results.append((out, lse, *torch.autograd.grad(out, leaves, dout)))
+    assert engine.forward_calls > 0 and engine.backward_calls > 0
+    for ours, kernels in zip(*results):
+        assert relative_error(ours, kernels) <= 1e-2
