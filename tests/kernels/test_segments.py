@@ -262,3 +262,20 @@ def test_cuda_engine_agrees_with_triton_kernels(causal, engine, monkeypatch):
     assert engine.forward_calls > 0 and engine.backward_calls > 0
     for ours, kernels in zip(*results):
         assert relative_error(ours, kernels) <= 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_one_row_calls_match_flash_attention(dtype):
+    """cuDNN refuses one query on one key: the engine computes those calls itself, as flash would,
+    under a merged ``out``/``lse`` that other patterns also wrote."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v, dout, other = (torch.randn(3, 2, 1, 16, generator=g).to(dtype) for _ in range(5))
+    out, lse = segments._one_row_forward(q, k, v, 0.25)
+    ref_out, ref_lse = segments.cpu_forward(q, k, v, False, 0.25)
+    assert relative_error(out, ref_out) == 0 and relative_error(lse, ref_lse) <= 1e-6
+    merged_out = (out.float() + other.float()).div(2).to(dtype)  # as if a second pattern merged in
+    merged_lse = lse + 0.7
+    ours = segments._one_row_backward(dout, q, k, v, merged_out, merged_lse, 0.25)
+    theirs = segments.cpu_backward(dout, q, k, v, merged_out, merged_lse.contiguous(), False, 0.25)
+    for a, b in zip(ours, theirs):
+        assert relative_error(a, b) <= TOLERANCES[dtype][1]

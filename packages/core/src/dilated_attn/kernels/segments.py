@@ -54,9 +54,34 @@ class Engine:
     min_capability: tuple[int, int] | None  # CUDA only
 
 
+def _one_row_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one query row on one key row (cuDNN refuses ``s_q = s_kv = 1``): ``v`` itself."""
+    return v.clone(), (q.float() * k.float()).sum(-1) * scale
+
+
+def _one_row_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of one row on one key under the merged ``out`` and ``lse`` (as a fused backward forms them)."""
+    qf, kf, vf, of, df = (t.float() for t in (q, k, v, out, dout))
+    p = torch.exp((qf * kf).sum(-1) * scale - lse).unsqueeze(-1)
+    ds = p * ((df * vf).sum(-1, keepdim=True) - (df * of).sum(-1, keepdim=True))
+    return (ds * kf * scale).to(q.dtype), (ds * qf * scale).to(k.dtype), (p * df).to(v.dtype)
+
+
 def _cudnn_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if q.shape[2] == 1 and k.shape[2] == 1:
+        return _one_row_forward(q, k, v, scale)
     result = torch.ops.aten._scaled_dot_product_cudnn_attention(
         q, k, v, None, True, 0.0, causal, False, scale=scale
     )
@@ -75,6 +100,8 @@ def _cudnn_backward(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     s_q, s_k = q.shape[2], k.shape[2]
+    if s_q == 1 and s_k == 1:
+        return _one_row_backward(dout, q, k, v, out, lse, scale)
     grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
         dout,
         q,
