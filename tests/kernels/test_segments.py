@@ -69,6 +69,8 @@ def engine(monkeypatch):
     counting = _Counting(segments.ENGINES["cuda"] if HAS_CUDA else CPU_ENGINE)
     counting.install(monkeypatch, device)
     monkeypatch.delenv(segments.ENGINE_ENV, raising=False)
+    # Every launch on the engine, however small (test_mixed_engines covers the split).
+    monkeypatch.setattr(segments, "MIN_CALL_FLOPS", 0)
     return counting
 
 
@@ -129,6 +131,30 @@ def test_cpu_engine_matches_oracle(shape, w, r, mode, dtype, causal, through, en
     _check(shape, w, r, mode=mode, causal=causal, dtype=dtype, device="cpu", through=through)
     assert engine.forward_calls > 0
     assert (engine.backward_calls > 0) == (through == "out")
+
+
+@interpreted
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_mixed_engines(causal, engine, monkeypatch):
+    """Small launches stay on the Triton kernel and merge with the engine's, forward and backward."""
+    shape, w, r = (2, 53, 5, 16), [8, 12, 20], [1, 3, 4]
+    plan = plan_launches(shape[1], shape[2], w, r, "longnet")
+    monkeypatch.setattr(segments, "MIN_CALL_FLOPS", 100_000)
+    chosen = [segments.worthwhile(launch, shape, causal) for launch in plan.launches]
+    assert chosen == [True, False, False], chosen  # the r = 1 launch only
+    _check(shape, w, r, mode="longnet", causal=causal, dtype=torch.float32, device="cpu", through="out")
+    first = plan.launches[0]
+    assert engine.forward_calls == len(list(segments._calls(shape[0], shape[1], first)))
+    assert engine.backward_calls == len(
+        list(segments._calls(shape[0], shape[1], first, rows_per_call=segments.BACKWARD_ROWS_PER_CALL))
+    )
+
+
+def test_worthwhile_at_longnet_1m():
+    """At longnet-1m (d = 64) the engine takes r <= 4 and leaves r = 8, 16 to the Triton kernel."""
+    shape = (1, 1 << 20, 16, 64)
+    plan = plan_launches(shape[1], shape[2], [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16], "longnet")
+    assert [segments.worthwhile(launch, shape, False) for launch in plan.launches] == [True] * 3 + [False] * 2
 
 
 @interpreted

@@ -192,6 +192,21 @@ def segment_engine(q: torch.Tensor, k: torch.Tensor, *, backward: bool = False, 
     return not (backward and (dlse or torch.are_deterministic_algorithms_enabled()))
 
 
+# Launches whose library calls would each do less work than this (useful FLOPs) stay on the Triton
+# kernel: one launch per pattern, where the segment engine makes a call per offset class (up to r of
+# them) with a merge each. At longnet-1m (d = 64) that keeps r <= 4 on cuDNN and r = 8, 16 on Triton.
+MIN_CALL_FLOPS = 1 << 38
+
+
+def worthwhile(launch: Launch, shape: torch.Size | tuple[int, ...], causal: bool) -> bool:
+    """Whether ``launch`` on queries of ``shape`` goes to the segment engine (``MIN_CALL_FLOPS``)."""
+    b, n, _, d = shape
+    rows = -(-launch.segment // launch.dilation)
+    heads = -(-launch.num_heads // launch.dilation)
+    flops = 4 * b * max(1, n // launch.segment) * heads * rows * rows * d
+    return (flops // 2 if causal else flops) >= MIN_CALL_FLOPS
+
+
 @dataclass(frozen=True)
 class _Block:
     """Whole segments of ``seglen`` tokens in ``[start, stop)``, of batch element ``batch`` (None: all)."""
