@@ -150,11 +150,15 @@ def test_mixed_engines(causal, engine, monkeypatch):
     )
 
 
-def test_worthwhile_at_longnet_1m():
-    """At longnet-1m (d = 64) the engine takes r <= 4 and leaves r = 8, 16 to the Triton kernel."""
-    shape = (1, 1 << 20, 16, 64)
-    plan = plan_launches(shape[1], shape[2], [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16], "longnet")
-    assert [segments.worthwhile(launch, shape, False) for launch in plan.launches] == [True] * 3 + [False] * 2
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_worthwhile_at_longnet_sizes(causal):
+    """At longnet-1m and -256k (d = 64) the engine takes every pattern; at 8K tokens r = 8, 16
+    (under a GFLOP per call) are left to the Triton kernel."""
+    w, r = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16]
+    for n, expected in ((1 << 20, [True] * 5), (1 << 18, [True] * 5), (1 << 13, [True] * 3 + [False] * 2)):
+        shape = (1, n, 16, 64)
+        plan = plan_launches(n, 16, w, r, "longnet")
+        assert [segments.worthwhile(launch, shape, causal) for launch in plan.launches] == expected, n
 
 
 @interpreted

@@ -35,9 +35,9 @@ from dilated_attn.kernels.tuning import head_dim_pad
 ENGINE_ENV = "DILATED_ATTN_ENGINE"
 
 # Query rows times heads per library call in the backward: bounds its temporaries (three 16-bit
-# gradients and cuDNN's float32 dQ accumulator, ~10 bytes per element) to 1/16 of a 1M-token,
-# 16-head output at d = 64; measured no slower than whole-pattern calls.
-BACKWARD_ROWS_PER_CALL = 1 << 20
+# gradients and cuDNN's float32 dQ accumulator, ~10 bytes per element) to 1/32 of a 1M-token,
+# 16-head output at d = 64.
+BACKWARD_ROWS_PER_CALL = 1 << 19
 
 # (q, k, v, causal, scale) -> out (B, hc, S, d), lse (B, hc, S) float32
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]]
@@ -193,9 +193,11 @@ def segment_engine(q: torch.Tensor, k: torch.Tensor, *, backward: bool = False, 
 
 
 # Launches whose library calls would each do less work than this (useful FLOPs) stay on the Triton
-# kernel: one launch per pattern, where the segment engine makes a call per offset class (up to r of
-# them) with a merge each. At longnet-1m (d = 64) that keeps r <= 4 on cuDNN and r = 8, 16 on Triton.
-MIN_CALL_FLOPS = 1 << 38
+# kernel, where a launch per pattern costs less than a call per offset class with a merge each. On an
+# H200 at longnet-1m, moving r = 8, 16 to the Triton kernel (a threshold of 2^38) lost 1-5 points of
+# forward+backward on every target row and gained forward on one, so only calls far below those
+# (under a GFLOP) stay there.
+MIN_CALL_FLOPS = 1 << 30
 
 
 def worthwhile(launch: Launch, shape: torch.Size | tuple[int, ...], causal: bool) -> bool:
@@ -366,6 +368,7 @@ def forward_launch(
         else:
             ov.copy_(part.transpose(1, 2))
             lv.copy_(part_lse.transpose(1, 2))
+        del part, part_lse  # freed before the next call allocates its own
 
 
 def first_launch_whole(
@@ -420,3 +423,4 @@ def backward_launch(
                 target.add_(grad.transpose(1, 2))
             else:
                 target.copy_(grad.transpose(1, 2))
+        del grads, grad  # freed before the next call allocates its own
