@@ -162,6 +162,32 @@ def test_worthwhile_at_longnet_sizes(causal):
 
 
 @interpreted
+def test_float32_out_of_a_composer_takes_the_triton_backward(engine, monkeypatch):
+    """Composers (ring attention) keep ``out`` in float32: the engine's forward writes into it, and
+    the backward, whose library call takes ``out`` in the inputs' dtype only, runs on Triton."""
+    from dilated_attn.kernels.jobs import fused_backward, fused_forward
+    from dilated_attn.pattern import jobs_for
+
+    g = torch.Generator().manual_seed(4)
+    q, k, v, dout = (torch.randn(1, 40, 2, 16, generator=g).half() for _ in range(4))
+    jobs = jobs_for(DilationPattern([8, 16], [1, 2]), 40, 2, "longnet")
+    out, lse = fused_forward(q, k, v, jobs, causal=False, scale=0.25, out_dtype=torch.float32)
+    assert out.dtype == torch.float32 and engine.forward_calls > 0
+    grads = fused_backward(
+        dout, q, k, v, out, lse, None, jobs, causal=False, scale=0.25, grad_dtype=torch.float32
+    )
+    assert engine.backward_calls == 0
+    monkeypatch.setenv(segments.ENGINE_ENV, "triton")
+    ref_out, ref_lse = fused_forward(q, k, v, jobs, causal=False, scale=0.25, out_dtype=torch.float32)
+    ref_grads = fused_backward(
+        dout, q, k, v, ref_out, ref_lse, None, jobs, causal=False, scale=0.25, grad_dtype=torch.float32
+    )
+    assert relative_error(out, ref_out) <= 1e-3 and relative_error(lse, ref_lse) <= 1e-5
+    for ours, theirs in zip(grads, ref_grads):
+        assert relative_error(ours, theirs) <= 1e-3
+
+
+@interpreted
 def test_engine_setting_triton_turns_it_off(engine, monkeypatch):
     monkeypatch.setenv(segments.ENGINE_ENV, "triton")
     _check(

@@ -558,8 +558,8 @@ def print_comparisons(targets: dict[str, Any]) -> None:
         f"fwd+bwd {_verdict(targets['head_groups_fwd_bwd_vs_gather'], bwd_goal)}"
     )
     print(
-        "fwd+bwd under torch.use_deterministic_algorithms / default (the default backward is the deterministic "
-        "one unless DILATED_ATTN_TRITON_DQ=atomic): "
+        "fwd+bwd under torch.use_deterministic_algorithms / default (deterministic: the Triton backward; the "
+        "default: cuDNN's on the segment engine, or with --engine triton the same Triton one): "
         + _verdict(targets["deterministic_slowdown"], DETERMINISTIC_SLOWDOWN, at_most=True)
     )
     record = targets["memory_fwd_bwd"]

@@ -1,8 +1,12 @@
 """The "triton" backend: the fused kernels of ``dilated_attn.kernels`` (imported on first use).
 
-Strided loads (no gather copies), online softmax, one launch per pattern merged in place. CUDA only,
-or the CPU under ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests at small sizes: they
-register ``triton_backend`` for the CPU under a name of their own).
+Strided views and loads (no gather copies), one pattern at a time merged in place by log-sum-exp. A
+pattern's segments run on cuDNN's fused attention over strided views (the segment engine,
+``dilated_attn.kernels.segments``: sm_90+, fp16/bf16, head_dim a multiple of 8 up to 128, K/V heads
+equal to query heads) or on the Triton kernels (everything else, LSE gradients, deterministic
+backwards, ``DILATED_ATTN_ENGINE=triton``). CUDA only, or the CPU under ``TRITON_INTERPRET=1``
+(Triton's interpreter, for tests at small sizes: they register ``triton_backend`` for the CPU under a
+name of their own).
 """
 
 from __future__ import annotations
@@ -48,5 +52,6 @@ def register_triton(register: Callable[..., None]) -> None:
         head_dims=HEAD_DIMS,
         gqa=True,
         priority=20,
-        description="fused Triton kernels: strided loads, online softmax, in-place LSE merge",
+        description="fused kernels: cuDNN attention on strided views (sm_90+, 16-bit, d <= 128) or Triton "
+        "kernels with strided loads; in-place LSE merge",
     )

@@ -981,7 +981,9 @@ def backward(
     dtype = q.dtype if grad_dtype is None else grad_dtype
     make = torch.zeros if plan.needs_init else torch.empty
     make_kv = torch.zeros if plan.kv_needs_init else torch.empty
-    engine = segment_engine(q, k, backward=True, dlse=dlse is not None)
+    # The engine's library backward takes ``out`` and ``dout`` in the inputs' dtype only (composers may
+    # hold a float32 ``out``).
+    engine = segment_engine(q, k, backward=True, dlse=dlse is not None) and out.dtype == dout.dtype == q.dtype
     on_segments = [engine and worthwhile(launch, q.shape, causal) for launch in plan.launches]
     lse_rows = lse.contiguous() if any(on_segments) else lse
     dlse = None if dlse is None else dlse.contiguous()
