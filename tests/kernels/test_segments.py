@@ -23,7 +23,7 @@ from dilated_attn.kernels import segments, tuning  # noqa: E402
 from dilated_attn.kernels.launches import plan_launches  # noqa: E402
 from dilated_attn.pattern import DilationPattern  # noqa: E402
 from dilated_attn.reference import dilated_attention_reference  # noqa: E402
-from dilated_attn.testing import TOLERANCES, relative_error  # noqa: E402
+from dilated_attn.testing import TOLERANCES, BackendConformance, relative_error  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 interpreted = pytest.mark.skipif(
@@ -46,11 +46,14 @@ class _Counting:
     def __init__(self, engine: segments.Engine) -> None:
         self.engine = engine
         self.forward_calls = self.backward_calls = 0
+        self.output_pointers: list[int] = []
 
     def install(self, monkeypatch: pytest.MonkeyPatch, device: str) -> None:
         def forward(*args):
             self.forward_calls += 1
-            return self.engine.forward(*args)
+            result = self.engine.forward(*args)
+            self.output_pointers.append(result[0].data_ptr())
+            return result
 
         def backward(*args):
             self.backward_calls += 1
@@ -69,8 +72,6 @@ def engine(monkeypatch):
     counting = _Counting(segments.ENGINES["cuda"] if HAS_CUDA else CPU_ENGINE)
     counting.install(monkeypatch, device)
     monkeypatch.delenv(segments.ENGINE_ENV, raising=False)
-    # Every launch on the engine, however small (test_mixed_engines covers the split).
-    monkeypatch.setattr(segments, "MIN_CALL_FLOPS", 0)
     return counting
 
 
@@ -134,37 +135,50 @@ def test_cpu_engine_matches_oracle(shape, w, r, mode, dtype, causal, through, en
 
 
 @interpreted
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_mixed_engines(causal, engine, monkeypatch):
-    """Small launches stay on the Triton kernel and merge with the engine's, forward and backward."""
-    shape, w, r = (2, 53, 5, 16), [8, 12, 20], [1, 3, 4]
-    plan = plan_launches(shape[1], shape[2], w, r, "longnet")
-    monkeypatch.setattr(segments, "MIN_CALL_FLOPS", 100_000)
-    chosen = [segments.worthwhile(launch, shape, causal) for launch in plan.launches]
-    assert chosen == [True, False, False], chosen  # the r = 1 launch only
-    _check(shape, w, r, mode="longnet", causal=causal, dtype=torch.float32, device="cpu", through="out")
-    first = plan.launches[0]
-    assert engine.forward_calls == len(list(segments._calls(shape[0], shape[1], first)))
-    assert engine.backward_calls == len(
-        list(segments._calls(shape[0], shape[1], first, rows_per_call=segments.BACKWARD_ROWS_PER_CALL))
+@pytest.mark.parametrize("n, max_batch, in_place", [(96, None, True), (96, 2, False), (90, None, False)])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_first_launch_output_is_used_in_place(batch, n, max_batch, in_place, engine, monkeypatch):
+    """An r = 1 first launch over whole segments is one call whose output becomes ``out`` (no copy);
+    a batch split below cuDNN's limit or a short last segment makes it an ordinary launch."""
+    if max_batch is not None:
+        monkeypatch.setattr(segments, "MAX_CALL_BATCH", max_batch)
+    _check(
+        (batch, n, 4, 16),
+        [16, 32],
+        [1, 2],
+        mode="longnet",
+        causal=False,
+        dtype=torch.float32,
+        device="cpu",
+        through="out",
     )
-
-
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_worthwhile_at_longnet_sizes(causal):
-    """At longnet-1m and -256k (d = 64) the engine takes every pattern; at 8K tokens r = 8, 16
-    (under a GFLOP per call) are left to the Triton kernel."""
-    w, r = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16]
-    for n, expected in ((1 << 20, [True] * 5), (1 << 18, [True] * 5), (1 << 13, [True] * 3 + [False] * 2)):
-        shape = (1, n, 16, 64)
-        plan = plan_launches(n, 16, w, r, "longnet")
-        assert [segments.worthwhile(launch, shape, causal) for launch in plan.launches] == expected, n
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(batch, n, 4, 16, generator=g) for _ in range(3))
+    engine.output_pointers.clear()
+    out, _ = _attend(q, k, v, [16, 32], [1, 2], "longnet", False)
+    assert (out.data_ptr() == engine.output_pointers[0]) == in_place
 
 
 @interpreted
-def test_float32_out_of_a_composer_takes_the_triton_backward(engine, monkeypatch):
-    """Composers (ring attention) keep ``out`` in float32: the engine's forward writes into it, and
-    the backward, whose library call takes ``out`` in the inputs' dtype only, runs on Triton."""
+def test_calls_split_below_the_cudnn_batch_limit(engine, monkeypatch):
+    monkeypatch.setattr(segments, "MAX_CALL_BATCH", 2)
+    _check(
+        (2, 53, 5, 16),
+        [8, 12, 20],
+        [1, 3, 4],
+        mode="longnet",
+        causal=True,
+        dtype=torch.float32,
+        device="cpu",
+        through="out",
+    )
+    assert engine.forward_calls > 0 and engine.backward_calls > 0
+
+
+@interpreted
+def test_float32_results_of_a_composer_take_the_triton_kernels(engine, monkeypatch):
+    """Composers (ring attention) keep ``out`` and gradients in float32 to merge more partial results:
+    the engine, whose rows come back in 16 bits, leaves those calls to the Triton kernels."""
     from dilated_attn.kernels.jobs import fused_backward, fused_forward
     from dilated_attn.pattern import jobs_for
 
@@ -172,19 +186,15 @@ def test_float32_out_of_a_composer_takes_the_triton_backward(engine, monkeypatch
     q, k, v, dout = (torch.randn(1, 40, 2, 16, generator=g).half() for _ in range(4))
     jobs = jobs_for(DilationPattern([8, 16], [1, 2]), 40, 2, "longnet")
     out, lse = fused_forward(q, k, v, jobs, causal=False, scale=0.25, out_dtype=torch.float32)
-    assert out.dtype == torch.float32 and engine.forward_calls > 0
     grads = fused_backward(
         dout, q, k, v, out, lse, None, jobs, causal=False, scale=0.25, grad_dtype=torch.float32
     )
-    assert engine.backward_calls == 0
-    monkeypatch.setenv(segments.ENGINE_ENV, "triton")
-    ref_out, ref_lse = fused_forward(q, k, v, jobs, causal=False, scale=0.25, out_dtype=torch.float32)
-    ref_grads = fused_backward(
-        dout, q, k, v, ref_out, ref_lse, None, jobs, causal=False, scale=0.25, grad_dtype=torch.float32
-    )
-    assert relative_error(out, ref_out) <= 1e-3 and relative_error(lse, ref_lse) <= 1e-5
-    for ours, theirs in zip(grads, ref_grads):
-        assert relative_error(ours, theirs) <= 1e-3
+    assert out.dtype == torch.float32 and all(t.dtype == torch.float32 for t in grads)
+    assert engine.forward_calls == engine.backward_calls == 0
+    # The same call with 16-bit results does take the engine.
+    out16, lse16 = fused_forward(q, k, v, jobs, causal=False, scale=0.25)
+    fused_backward(dout, q, k, v, out16, lse16, None, jobs, causal=False, scale=0.25)
+    assert engine.forward_calls > 0 and engine.backward_calls > 0
 
 
 @interpreted
@@ -239,11 +249,16 @@ def test_deterministic_algorithms_take_the_triton_backward(engine):
         ((1, 8, 4, 512), 4, torch.float32, "head_dim 512 is not a multiple of 8 up to 256"),
         ((1, 8, 4, 16), 2, torch.float32, "grouped K/V heads"),
         ((1, 8, 4, 16), 4, torch.float64, "dtype torch.float64 not in"),
+        ((1, 8, 4, 16), 4, "misaligned", "not 16-byte aligned"),
     ],
 )
 def test_unsupported_inputs_name_the_reason(q_shape, kv_heads, dtype, reason, monkeypatch):
     monkeypatch.setitem(segments.ENGINES, "cpu", CPU_ENGINE)
-    q = torch.zeros(q_shape, dtype=dtype)
+    if dtype == "misaligned":  # contiguous, but one element into its storage
+        q = torch.zeros(1 + torch.Size(q_shape).numel())[1:].view(q_shape)
+        dtype = torch.float32
+    else:
+        q = torch.zeros(q_shape, dtype=dtype)
     k = torch.zeros(q_shape[:2] + (kv_heads, q_shape[3]), dtype=dtype)
     assert reason in segments.unsupported(q, k)
     assert not segments.segment_engine(q, k)
@@ -257,13 +272,14 @@ def test_no_engine_on_a_device_without_one(monkeypatch):
 
 @pytest.mark.parametrize("b, n, h", [(1, 96, 4), (2, 53, 5), (3, 7, 3), (2, 64, 6)])
 @pytest.mark.parametrize("mode", ["longnet", "head_groups"])
-@pytest.mark.parametrize("rows_per_call", [None, 5])
-def test_calls_cover_each_selected_row_once(b, n, h, mode, rows_per_call):
+@pytest.mark.parametrize("rows_per_call, max_batch", [(None, None), (5, None), (None, 2)])
+def test_calls_cover_each_selected_row_once(b, n, h, mode, rows_per_call, max_batch, monkeypatch):
     """Across a launch's calls every (batch, position, head) its pattern selects is visited exactly
     once, and nothing else: the views are the SPEC's selection."""
+    if max_batch is not None:
+        monkeypatch.setattr(segments, "MAX_CALL_BATCH", max_batch)
     w, r = [8, 12, 20, 128], [1, 3, 4, 5]
     plan = plan_launches(n, h, w, r, mode)
-    pattern = DilationPattern(w, r)
     index = torch.arange(b * n * h).view(b, n, h, 1)
     for launch in plan.launches:
         seen = torch.zeros(b * n * h, dtype=torch.long)
@@ -276,7 +292,8 @@ def test_calls_cover_each_selected_row_once(b, n, h, mode, rows_per_call):
             positions = torch.arange(n)
             expected[:, (positions % segment) % launch.dilation == j % launch.dilation, j] = 1
         assert torch.equal(seen.view(b, n, h), expected), launch
-    assert pattern.segment_lengths == tuple(w)
+        if max_batch is not None:
+            assert all(segs.stop - segs.start <= max_batch for *_, segs in segments._calls(b, n, launch))
 
 
 # -- GPU, medium sizes (cuDNN) --------------------------------------------------------------------
@@ -301,6 +318,15 @@ def test_cuda_engine_matches_oracle(shape, w, r, mode, dtype, causal, through, e
     _check(shape, w, r, mode=mode, causal=causal, dtype=dtype, device="cuda", through=through)
     assert engine.forward_calls > 0
     assert (engine.backward_calls > 0) == (through == "out")
+
+
+@cuda
+class TestCudaEngineConformance(BackendConformance):
+    """The library's conformance kit on the fused backend with the engine on (the default)."""
+
+    backend = "triton"
+    device = "cuda"
+    dtypes = (torch.bfloat16, torch.float16)
 
 
 @cuda

@@ -35,7 +35,7 @@ from dilated_attn.kernels.geometry import (
 )
 from dilated_attn.kernels.launches import Launch, LaunchPlan
 from dilated_attn.kernels.segments import backward_launch as segment_backward_launch
-from dilated_attn.kernels.segments import segment_engine, worthwhile
+from dilated_attn.kernels.segments import segment_engine
 from dilated_attn.kernels.tuning import (
     TMA_ENV,
     configs_for,
@@ -974,38 +974,35 @@ def backward(
     pattern adding into one float32 accumulator that is then cast into ``dq``: the accumulator costs
     a quarter of a 16-bit output where the segment lengths allow (see ``DQ_CHUNKS``). With a dQ kernel each gradient row has one writer per launch and launches run
     in a fixed order, so the result is bitwise reproducible run to run. Where the segment engine takes
-    the call (``kernels.segments.segment_engine``: no ``dlse``, not deterministic) it runs the launches
-    whose calls are large enough (``kernels.segments.worthwhile``); the Triton kernels run the rest.
+    the call (``kernels.segments.segment_engine``: no ``dlse``, not deterministic, gradients in the
+    inputs' dtype) it runs every launch.
     """
     dout, q, k, v, out = (t.contiguous() for t in (dout, q, k, v, out))
     dtype = q.dtype if grad_dtype is None else grad_dtype
     make = torch.zeros if plan.needs_init else torch.empty
     make_kv = torch.zeros if plan.kv_needs_init else torch.empty
-    # The engine's library backward takes ``out`` and ``dout`` in the inputs' dtype only (composers may
-    # hold a float32 ``out``).
-    engine = segment_engine(q, k, backward=True, dlse=dlse is not None) and out.dtype == dout.dtype == q.dtype
-    on_segments = [engine and worthwhile(launch, q.shape, causal) for launch in plan.launches]
-    lse_rows = lse.contiguous() if any(on_segments) else lse
+    engine = segment_engine(q, k, v, out, dout, result_dtype=dtype, backward=True, dlse=dlse is not None)
+    if engine:
+        lse = lse.contiguous()
+        dq = make(q.shape, dtype=dtype, device=q.device)
+        dk, dv = (make_kv(t.shape, dtype=dtype, device=t.device) for t in (k, v))
+        with device_guard(q):
+            for launch in plan.launches:
+                segment_backward_launch(
+                    dout, q, k, v, out, lse, dq, dk, dv, launch, causal=causal, scale=scale
+                )
+        return dq, dk, dv
     dlse = None if dlse is None else dlse.contiguous()
-    if not all(on_segments):
-        lse = stats_head_major(lse) if HEAD_MAJOR_STATS else lse.contiguous()
-    # dQ reductions accumulate every launch over chunks of the sequence: Triton launches only.
-    mode = 0 if any(on_segments) else dq_mode(q, k, v, dout)
+    lse = stats_head_major(lse) if HEAD_MAJOR_STATS else lse.contiguous()
+    mode = dq_mode(q, k, v, dout)
     dq = (torch.empty if mode else make)(q.shape, dtype=dtype, device=q.device)
     dk, dv = (make_kv(t.shape, dtype=dtype, device=t.device) for t in (k, v))
     with device_guard(q):
-        delta = None if all(on_segments) else compute_delta(out, dout, dlse, head_major=HEAD_MAJOR_STATS)
+        delta = compute_delta(out, dout, dlse, head_major=HEAD_MAJOR_STATS)
         if not mode:
-            for launch, segment in zip(plan.launches, on_segments):
-                if segment:
-                    segment_backward_launch(
-                        dout, q, k, v, out, lse_rows, dq, dk, dv, launch, causal=causal, scale=scale
-                    )
-                else:
-                    assert delta is not None
-                    backward_launch(dout, q, k, v, lse, delta, dq, dk, dv, launch, causal=causal, scale=scale)
+            for launch in plan.launches:
+                backward_launch(dout, q, k, v, lse, delta, dq, dk, dv, launch, causal=causal, scale=scale)
             return dq, dk, dv
-        assert delta is not None
         b, n, h, _ = q.shape
         chunk = dq_chunk(n, plan)
         tune = tuning_class(b, n, h)

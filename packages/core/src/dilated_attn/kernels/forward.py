@@ -28,7 +28,7 @@ from dilated_attn.kernels.geometry import (
     row_source,
 )
 from dilated_attn.kernels.launches import Launch, LaunchPlan
-from dilated_attn.kernels.segments import first_launch_whole, segment_engine, worthwhile
+from dilated_attn.kernels.segments import first_launch_whole, segment_engine
 from dilated_attn.kernels.segments import forward_launch as segment_forward_launch
 from dilated_attn.kernels.tuning import (
     configs_for,
@@ -312,29 +312,27 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every launch of ``plan``: ``out`` ``(b, n, h, d)`` in ``out_dtype`` (default: ``q``'s) and
     ``lse`` ``(b, n, h)`` float32. Outputs start zeroed (``lse = -inf``) only when the plan leaves rows
-    unwritten, so rows no launch reaches give 0 and ``-inf``. Launches run on the segment engine
-    (``kernels.segments``) where it takes these inputs and the launch's calls are large enough
-    (``worthwhile``), else on the Triton kernel."""
+    unwritten, so rows no launch reaches give 0 and ``-inf``. Every launch runs on the segment engine
+    (``kernels.segments``) where it takes these inputs, else on the Triton kernel."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     b, n, h, _ = q.shape
     dtype = q.dtype if out_dtype is None else out_dtype
-    engine = segment_engine(q, k)
+    engine = segment_engine(q, k, v, result_dtype=dtype)
     launches = plan.launches
     with device_guard(q):
         whole = None
-        on_segments = [engine and worthwhile(launch, q.shape, causal) for launch in launches]
-        if on_segments and on_segments[0] and not plan.needs_init and dtype == q.dtype:
+        if engine and launches and not plan.needs_init:
             whole = first_launch_whole(q, k, v, launches[0], causal=causal, scale=scale)
         if whole is not None:
             out, lse = whole
-            launches, on_segments = launches[1:], on_segments[1:]
+            launches = launches[1:]
         elif plan.needs_init:
             out = torch.zeros(q.shape, dtype=dtype, device=q.device)
             lse = torch.full((b, n, h), float("-inf"), dtype=torch.float32, device=q.device)
         else:
             out = torch.empty(q.shape, dtype=dtype, device=q.device)
             lse = torch.empty((b, n, h), dtype=torch.float32, device=q.device)
-        for launch, segment in zip(launches, on_segments):
-            run = segment_forward_launch if segment else forward_launch
+        run = segment_forward_launch if engine else forward_launch
+        for launch in launches:
             run(q, k, v, out, lse, launch, causal=causal, scale=scale)
     return out, lse

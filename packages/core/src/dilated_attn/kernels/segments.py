@@ -11,12 +11,13 @@ the fused kernel's own epilogue; the backward takes the merged ``out`` and ``lse
 dV`` into the gradients at the same views. A segment shorter than ``W`` at the end of the sequence is
 a call of its own; ``W`` need not be a multiple of ``r``.
 
-Where it runs (``segment_engine``): CUDA on sm_90+, 16-bit inputs, head size a multiple of 8 up to 128,
-K/V heads equal to query heads, cuDNN attention enabled in torch (``torch.backends.cuda.
-enable_cudnn_sdp``); the backward also needs no LSE gradient and not ``torch.use_deterministic_
-algorithms(True)`` (cuDNN's backward sums dQ in a run-dependent order); elsewhere the Triton kernels
-run. ``DILATED_ATTN_ENGINE=triton`` turns the engine off. Tests give the CPU an engine of its own
-(torch's CPU flash attention) through ``ENGINES``.
+Where it runs (``segment_engine``, for every launch of a call or none): CUDA on sm_90+, 16-bit inputs
+with 16-byte aligned data, results in the inputs' dtype, head size a multiple of 8 up to 128, K/V
+heads equal to query heads, cuDNN enabled in torch (``torch.backends.cudnn.enabled``,
+``torch.backends.cuda.enable_cudnn_sdp``); the backward also needs no LSE gradient and not
+``torch.use_deterministic_algorithms(True)`` (cuDNN's backward sums dQ in a run-dependent order);
+elsewhere the Triton kernels run. ``DILATED_ATTN_ENGINE=triton`` turns the engine off. Tests give the
+CPU an engine of its own (torch's CPU flash attention) through ``ENGINES``.
 """
 
 from __future__ import annotations
@@ -162,8 +163,10 @@ def engine_setting() -> str:
     return setting
 
 
-def unsupported(q: torch.Tensor, k: torch.Tensor) -> str | None:
-    """Why the segment engine cannot run ``q`` ``(b, n, h, d)`` with ``k`` ``(b, n, h_kv, d)``, or None."""
+def unsupported(q: torch.Tensor, k: torch.Tensor, *tensors: torch.Tensor) -> str | None:
+    """Why the segment engine cannot run ``q`` ``(b, n, h, d)`` with ``k`` ``(b, n, h_kv, d)`` (and
+    ``tensors``, whose data must be aligned like theirs), or None."""
+    tensors = (q, k, *tensors)
     engine = ENGINES.get(q.device.type)
     if engine is None:
         return f"no segment engine on device type {q.device.type!r}"
@@ -174,9 +177,18 @@ def unsupported(q: torch.Tensor, k: torch.Tensor) -> str | None:
         return f"head_dim {d} is not a multiple of 8 up to {engine.max_head_dim}"
     if k.shape[2] != q.shape[2]:
         return f"grouped K/V heads ({k.shape[2]} for {q.shape[2]} query heads)"
+    if any(t.data_ptr() % 16 for t in tensors):
+        return "a tensor's data is not 16-byte aligned"
     if q.is_cuda:
-        if not torch.backends.cuda.cudnn_sdp_enabled() or not torch.backends.cudnn.is_available():
-            return "cuDNN attention is not available or disabled (torch.backends.cuda.enable_cudnn_sdp)"
+        if not (
+            torch.backends.cuda.cudnn_sdp_enabled()
+            and torch.backends.cudnn.is_available()
+            and torch.backends.cudnn.enabled
+        ):
+            return (
+                "cuDNN attention is not available or disabled (torch.backends.cudnn.enabled, "
+                "torch.backends.cuda.enable_cudnn_sdp)"
+            )
         if (
             engine.min_capability is not None
             and torch.cuda.get_device_capability(q.device) < engine.min_capability
@@ -185,28 +197,31 @@ def unsupported(q: torch.Tensor, k: torch.Tensor) -> str | None:
     return None
 
 
-def segment_engine(q: torch.Tensor, k: torch.Tensor, *, backward: bool = False, dlse: bool = False) -> bool:
-    """Whether the segment engine runs this call (see the module docstring)."""
-    if engine_setting() == "triton" or unsupported(q, k) is not None:
+def segment_engine(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *tensors: torch.Tensor,
+    result_dtype: torch.dtype | None = None,
+    backward: bool = False,
+    dlse: bool = False,
+) -> bool:
+    """Whether the segment engine runs every launch of this call (see the module docstring).
+
+    ``tensors``: the call's other inputs (V; in the backward also ``out`` and ``dout``, which must
+    have the queries' dtype); ``result_dtype``: the output's or gradients' dtype, which must be the
+    queries' (a composer's float32 result keeps the Triton kernels' float32 rows instead of rounded
+    16-bit ones). A call is never split between engines: the Triton autotuner re-runs the first launch
+    of a tuning key, which must be one that writes rather than merges.
+    """
+    if engine_setting() == "triton" or unsupported(q, k, *tensors) is not None:
+        return False
+    if any(t.dtype != q.dtype for t in tensors) or result_dtype not in (None, q.dtype):
         return False
     return not (backward and (dlse or torch.are_deterministic_algorithms_enabled()))
 
 
-# Launches whose library calls would each do less work than this (useful FLOPs) stay on the Triton
-# kernel, where a launch per pattern costs less than a call per offset class with a merge each. On an
-# H200 at longnet-1m, moving r = 8, 16 to the Triton kernel (a threshold of 2^38) lost 1-5 points of
-# forward+backward on every target row and gained forward on one, so only calls far below those
-# (under a GFLOP) stay there.
-MIN_CALL_FLOPS = 1 << 30
-
-
-def worthwhile(launch: Launch, shape: torch.Size | tuple[int, ...], causal: bool) -> bool:
-    """Whether ``launch`` on queries of ``shape`` goes to the segment engine (``MIN_CALL_FLOPS``)."""
-    b, n, _, d = shape
-    rows = -(-launch.segment // launch.dilation)
-    heads = -(-launch.num_heads // launch.dilation)
-    flops = 4 * b * max(1, n // launch.segment) * heads * rows * rows * d
-    return (flops // 2 if causal else flops) >= MIN_CALL_FLOPS
+# cuDNN fails on a batch of 65,536 or more (segments x batch elements per call): calls split below it.
+MAX_CALL_BATCH = 65535
 
 
 @dataclass(frozen=True)
@@ -265,6 +280,7 @@ def _calls(
                 continue
             segments = (1 if block.batch is not None else b) * ((block.stop - block.start) // block.seglen)
             step = segments if rows_per_call is None else max(1, rows_per_call // (rows * count))
+            step = min(step, MAX_CALL_BATCH)
             for first in range(0, segments, step):
                 yield block, o, heads, slice(first, min(segments, first + step))
 
@@ -297,9 +313,9 @@ def _merge_kernel(
     pid = tl.program_id(0)
     block = pid % row_blocks
     bh = pid // row_blocks
-    hh = bh % heads
-    bb = bh // heads
-    r = block * BLOCK + tl.arange(0, BLOCK)
+    hh = (bh % heads).to(tl.int64)
+    bb = (bh // heads).to(tl.int64)
+    r = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     c = tl.arange(0, HEAD_DIM_PAD)
     rmask = r < rows
     mask = rmask[:, None] & (c < HEAD_DIM)[None, :]
@@ -329,6 +345,8 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_ls
     batch, rows, heads, d = out.shape
     if not batch * rows * heads:
         return
+    if part.stride(-1) != 1:
+        part = part.contiguous()
     block = 32 if d > 64 else 64
     row_blocks = triton.cdiv(rows, block)
     _merge_kernel[(batch * heads * row_blocks,)](
@@ -379,6 +397,8 @@ def first_launch_whole(
     the queries' layout, as cuDNN's has); None for any other launch."""
     b, n, h, d = q.shape
     if launch.dilation != 1 or launch.head0 or launch.num_heads != h or n % launch.segment:
+        return None
+    if b * (n // launch.segment) > MAX_CALL_BATCH:
         return None
     block = _Block(None, 0, n, launch.segment)
     qv, kv, vv = (_view(t, block, 0, 1, slice(None)).transpose(1, 2) for t in (q, k, v))
