@@ -336,7 +336,7 @@ def _pool_parser(sub: Any) -> None:
 def _kernel_parser(sub: Any) -> None:
     k = sub.add_parser(
         "kernel",
-        help="the Triton kernels on a GPU: correctness, TFLOP/s beside the segment ceiling, memory, longest runs",
+        help="the fused backend on a GPU: correctness, TFLOP/s beside the segment ceiling, memory, longest runs",
         description="In one process: autotuning on the longnet-1m shape, correctness against the float64 "
         "oracle at medium sizes, then every target row --runs times: longnet-1m "
         "(bf16, b=1, n=2^20, h=16, d=64) exact and head_groups, causal and not, d=128 with 8 heads, and "
