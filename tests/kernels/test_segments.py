@@ -361,3 +361,50 @@ def test_one_row_calls_match_flash_attention(dtype):
     theirs = segments.cpu_backward(dout, q, k, v, merged_out, merged_lse.contiguous(), False, 0.25)
     for a, b in zip(ours, theirs):
         assert relative_error(a, b) <= TOLERANCES[dtype][1]
+
+
+@cuda
+def test_cuda_engine_compile_fullgraph(engine):
+    from dilated_attn.functional import dilated_attention
+
+    def f(q, k, v):
+        return dilated_attention(q, k, v, [256, 1024], [1, 4], causal=True, backend="triton")
+
+    q, k, v = (
+        torch.randn(1, 1024, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+    )
+    out = torch.compile(f, fullgraph=True)(q, k, v)
+    out.float().square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    ref = f(q, k, v)
+    ref.float().square().sum().backward()
+    assert engine.forward_calls > 0 and engine.backward_calls > 0
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)  # the forward is reproducible, the backward is not
+    for ours, t in zip(grads, (q, k, v)):
+        assert relative_error(ours, t.grad) <= 1e-2
+
+
+@cuda
+def test_cuda_engine_graph_capture(engine):
+    from dilated_attn.functional import dilated_attention
+
+    def f(q, k, v):
+        return dilated_attention(q, k, v, [512, 2048], [1, 4], backend="triton")
+
+    q, k, v = (torch.randn(1, 2048, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    expected = f(q, k, v)  # builds cuDNN's plans and tunes, which must not happen in capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        f(q, k, v)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = f(q, k, v)
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    assert engine.forward_calls > 0
+    torch.testing.assert_close(captured, f(q, k, v), rtol=0, atol=0)
+    assert not torch.equal(captured, expected)
