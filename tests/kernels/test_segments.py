@@ -125,8 +125,10 @@ CPU_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape, w, r, mode", CPU_CASES)
 def test_cpu_engine_matches_oracle(shape, w, r, mode, dtype, causal, through, engine, monkeypatch):
-    if dtype == torch.bfloat16 and through == "out and lse":
-        pytest.skip("an LSE gradient takes the Triton backward, whose interpreter cannot multiply bf16")
+    if through == "out and lse" and (dtype == torch.bfloat16 or shape[1] in (53, 20)):
+        # The Triton backward's interpreter cannot multiply bf16; test_triton_kernel.py covers that
+        # backward on these shapes: here three of them check it after the engine's forward.
+        pytest.skip("an LSE gradient takes the interpreted Triton backward (kept to three shapes)")
     # Small calls in the backward, so that a block's segments split into several.
     monkeypatch.setattr(segments, "BACKWARD_ROWS_PER_CALL", 24)
     _check(shape, w, r, mode=mode, causal=causal, dtype=dtype, device="cpu", through=through)
