@@ -982,10 +982,11 @@ def backward(
     make = torch.zeros if plan.needs_init else torch.empty
     make_kv = torch.zeros if plan.kv_needs_init else torch.empty
     engine = segment_engine(q, k, v, out, dout, result_dtype=dtype, backward=True, dlse=dlse is not None)
+    mode = 0 if engine else dq_mode(q, k, v, dout)
+    dq = (torch.empty if mode else make)(q.shape, dtype=dtype, device=q.device)
+    dk, dv = (make_kv(t.shape, dtype=dtype, device=t.device) for t in (k, v))
     if engine:
         lse = lse.contiguous()
-        dq = make(q.shape, dtype=dtype, device=q.device)
-        dk, dv = (make_kv(t.shape, dtype=dtype, device=t.device) for t in (k, v))
         with device_guard(q):
             for launch in plan.launches:
                 segment_backward_launch(
@@ -994,9 +995,6 @@ def backward(
         return dq, dk, dv
     dlse = None if dlse is None else dlse.contiguous()
     lse = stats_head_major(lse) if HEAD_MAJOR_STATS else lse.contiguous()
-    mode = dq_mode(q, k, v, dout)
-    dq = (torch.empty if mode else make)(q.shape, dtype=dtype, device=q.device)
-    dk, dv = (make_kv(t.shape, dtype=dtype, device=t.device) for t in (k, v))
     with device_guard(q):
         delta = compute_delta(out, dout, dlse, head_major=HEAD_MAJOR_STATS)
         if not mode:
