@@ -285,8 +285,8 @@ def test_calls_cover_each_selected_row_once(b, n, h, mode, rows_per_call, max_ba
     index = torch.arange(b * n * h).view(b, n, h, 1)
     for launch in plan.launches:
         seen = torch.zeros(b * n * h, dtype=torch.long)
-        for block, o, heads, segs in segments._calls(b, n, launch, rows_per_call=rows_per_call):
-            view = segments._view(index, block, o, launch.dilation, heads)[segs]
+        for call in segments._calls(b, n, launch, rows_per_call=rows_per_call):
+            view = call.view(index)
             seen.index_add_(0, view.reshape(-1), torch.ones(view.numel(), dtype=torch.long))
         expected = torch.zeros(b, n, h, dtype=torch.long)
         segment = min(launch.segment, n)
@@ -295,7 +295,28 @@ def test_calls_cover_each_selected_row_once(b, n, h, mode, rows_per_call, max_ba
             expected[:, (positions % segment) % launch.dilation == j % launch.dilation, j] = 1
         assert torch.equal(seen.view(b, n, h), expected), launch
         if max_batch is not None:
-            assert all(segs.stop - segs.start <= max_batch for *_, segs in segments._calls(b, n, launch))
+            assert all(call.segs.stop - call.segs.start <= max_batch for call in segments._calls(b, n, launch))
+
+
+@pytest.mark.parametrize(
+    "n, h, w, r, mode, expected",
+    [
+        # longnet-1m: classes of one head each (r = 8 with two heads: a call per head of the classes)
+        (1 << 20, 16, [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16], "longnet", [1, 2, 4, 2, 1]),
+        (1 << 20, 8, [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16], "longnet", [1, 2, 2, 1, 1]),
+        # head groups of 4, 3, 3, 3, 3 heads: at r = 4 heads 8, 9 (offsets 0, 1) share a call, head 7
+        # (offset 3) does not follow them
+        (1 << 18, 16, [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16], "head_groups", [1, 2, 2, 1, 1]),
+        # r not dividing W: classes of fewer rows are calls of their own (W = 20, r = 3: 7, 7, 6 rows)
+        (40, 3, [20], [3], "longnet", [2]),
+    ],
+)
+def test_offset_classes_of_one_head_share_a_call(n, h, w, r, mode, expected):
+    """Offset classes stepping one row and one head are the heads of a single call (fewer, larger
+    calls for cuDNN and fewer merges); the coverage test above checks those views select the right rows."""
+    plan = plan_launches(n, h, w, r, mode)
+    counts = [len(list(segments._calls(1, n, launch))) for launch in plan.launches]
+    assert counts == expected
 
 
 # -- GPU, medium sizes (cuDNN) --------------------------------------------------------------------

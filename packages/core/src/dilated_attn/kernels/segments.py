@@ -247,42 +247,85 @@ def _blocks(b: int, n: int, segment: int) -> list[_Block]:
     return blocks
 
 
-def _offsets(launch: Launch) -> Iterator[tuple[int, slice]]:
-    """``(o, heads)`` for each offset class of the launch's heads that has any."""
+def _offsets(launch: Launch) -> Iterator[tuple[int, int, int]]:
+    """``(o, first head, heads)`` for each offset class of the launch's heads that has any."""
     r, lo, hi = launch.dilation, launch.head0, launch.head0 + launch.num_heads
     for o in range(r):
         first = lo + (o - lo) % r
         if first < hi:
-            yield o, slice(first, hi, r)
+            yield o, first, len(range(first, hi, r))
 
 
-def _view(t: torch.Tensor, block: _Block, o: int, r: int, heads: slice) -> torch.Tensor:
-    """Rows ``o::r`` of every segment of ``block`` at ``heads``: ``(segments, rows, heads, ...)``, a view."""
-    part = (
-        t[:, block.start : block.stop]
-        if block.batch is None
-        else t[block.batch, None, block.start : block.stop]
-    )
-    segments = part.shape[0] * ((block.stop - block.start) // block.seglen)
-    return part.view(segments, block.seglen, *part.shape[2:])[:, o::r, heads]
+@dataclass(frozen=True)
+class _Call:
+    """One library call: rows ``o + r i`` of segments ``segs`` of ``block``, on ``size`` heads of a
+    ``(segments, rows, size, ...)`` view whose head index ``c`` is row offset ``o + row_step c`` at
+    head ``head + head_step c``.
+
+    Offset classes select one head each when ``r`` is at least the number of heads: the classes
+    ``(o + c, head + c)`` then step one row and one head at a time, a single stride, so a call takes all
+    of them as its heads (``row_step = head_step = 1``) instead of a call per class. Otherwise a call
+    takes one class's heads (``row_step = 0``, ``head_step = r``).
+    """
+
+    block: _Block
+    o: int
+    head: int
+    size: int
+    row_step: int
+    head_step: int
+    rows: int
+    r: int
+    segs: slice
+
+    def view(self, t: torch.Tensor) -> torch.Tensor:
+        """The call's ``(segments, rows, size, ...)`` view of ``t`` ``(b, n, h, ...)``."""
+        block = self.block
+        part = (
+            t[:, block.start : block.stop]
+            if block.batch is None
+            else t[block.batch, None, block.start : block.stop]
+        )
+        segments = part.shape[0] * ((block.stop - block.start) // block.seglen)
+        part = part.view(segments, block.seglen, *part.shape[2:])
+        s_seg, s_row, s_head, *rest = part.stride()
+        view = part.as_strided(
+            (segments, self.rows, self.size, *part.shape[3:]),
+            (s_seg, self.r * s_row, self.row_step * s_row + self.head_step * s_head, *rest),
+            part.storage_offset() + self.o * s_row + self.head * s_head,
+        )
+        return view[self.segs]
 
 
-def _calls(
-    b: int, n: int, launch: Launch, *, rows_per_call: int | None = None
-) -> Iterator[tuple[_Block, int, slice, slice]]:
-    """``(block, o, heads, segments)``: the library calls of one launch, each on ``segments`` of a block's view."""
+def _calls(b: int, n: int, launch: Launch, *, rows_per_call: int | None = None) -> Iterator[_Call]:
+    """The library calls of one launch: each selected (batch, row, head) in exactly one."""
     r = launch.dilation
-    for o, heads in _offsets(launch):
-        count = len(range(heads.start, heads.stop, r))
-        for block in _blocks(b, n, launch.segment):
+    classes = list(_offsets(launch))
+    for block in _blocks(b, n, launch.segment):
+        all_segments = (1 if block.batch is not None else b) * ((block.stop - block.start) // block.seglen)
+        # Runs of classes stepping one row and one head, with the same heads and rows.
+        runs: list[list[tuple[int, int, int, int]]] = []
+        for o, first, count in classes:
             rows = len(range(o, block.seglen, r))
             if not rows:
                 continue
-            segments = (1 if block.batch is not None else b) * ((block.stop - block.start) // block.seglen)
-            step = segments if rows_per_call is None else max(1, rows_per_call // (rows * count))
-            step = min(step, MAX_CALL_BATCH)
-            for first in range(0, segments, step):
-                yield block, o, heads, slice(first, min(segments, first + step))
+            last = runs[-1][-1] if runs else None
+            if last is not None and (o, first, count, rows) == (last[0] + 1, last[1] + 1, last[2], last[3]):
+                runs[-1].append((o, first, count, rows))
+            else:
+                runs.append([(o, first, count, rows)])
+        for run in runs:
+            o0, first0, count, rows = run[0]
+            if len(run) > count:  # a call per head of the classes, over all classes
+                shapes = [(o0, first0 + r * j, len(run), 1, 1) for j in range(count)]
+            else:  # a call per class, over its heads
+                shapes = [(o, first, count, 0, r) for o, first, count, _ in run]
+            for o, head, size, row_step, head_step in shapes:
+                step = all_segments if rows_per_call is None else max(1, rows_per_call // (rows * size))
+                step = min(step, MAX_CALL_BATCH)
+                for start in range(0, all_segments, step):
+                    segs = slice(start, min(all_segments, start + step))
+                    yield _Call(block, o, head, size, row_step, head_step, rows, r, segs)
 
 
 @triton.jit
@@ -374,10 +417,8 @@ def forward_launch(
     write them, for the heads' first launch); tensors as ``kernels.forward.forward_launch`` takes them."""
     engine = ENGINES[q.device.type]
     b, n = q.shape[:2]
-    r = launch.dilation
-    for block, o, heads, segs in _calls(b, n, launch):
-        qv, kv, vv, ov = (_view(t, block, o, r, heads)[segs] for t in (q, k, v, out))
-        lv = _view(lse, block, o, r, heads)[segs]
+    for call in _calls(b, n, launch):
+        qv, kv, vv, ov, lv = (call.view(t) for t in (q, k, v, out, lse))
         part, part_lse = engine.forward(
             qv.transpose(1, 2), kv.transpose(1, 2), vv.transpose(1, 2), causal, scale
         )
@@ -400,11 +441,11 @@ def first_launch_whole(
         return None
     if b * (n // launch.segment) > MAX_CALL_BATCH:
         return None
-    block = _Block(None, 0, n, launch.segment)
-    qv, kv, vv = (_view(t, block, 0, 1, slice(None)).transpose(1, 2) for t in (q, k, v))
+    whole = _Call(_Block(None, 0, n, launch.segment), 0, 0, h, 0, 1, launch.segment, 1, slice(None))
+    qv, kv, vv = (whole.view(t).transpose(1, 2) for t in (q, k, v))
     part, part_lse = ENGINES[q.device.type].forward(qv, kv, vv, causal, scale)
     lse = torch.empty((b, n, h), dtype=torch.float32, device=q.device)
-    _view(lse, block, 0, 1, slice(None)).copy_(part_lse.transpose(1, 2))
+    whole.view(lse).copy_(part_lse.transpose(1, 2))
     return part.transpose(1, 2).contiguous().view(b, n, h, d), lse
 
 
@@ -429,10 +470,9 @@ def backward_launch(
     gradient (``segment_engine``)."""
     engine = ENGINES[q.device.type]
     b, n = q.shape[:2]
-    r = launch.dilation
-    for block, o, heads, segs in _calls(b, n, launch, rows_per_call=BACKWARD_ROWS_PER_CALL):
-        views = [_view(t, block, o, r, heads)[segs] for t in (dout, q, k, v, out, dq, dk, dv)]
-        lv = _view(lse, block, o, r, heads)[segs]
+    for call in _calls(b, n, launch, rows_per_call=BACKWARD_ROWS_PER_CALL):
+        views = [call.view(t) for t in (dout, q, k, v, out, dq, dk, dv)]
+        lv = call.view(lse)
         grads = engine.backward(
             *(t.transpose(1, 2) for t in views[:5]), lv.transpose(1, 2).contiguous(), causal, scale
         )
