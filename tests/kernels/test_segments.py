@@ -295,7 +295,9 @@ def test_calls_cover_each_selected_row_once(b, n, h, mode, rows_per_call, max_ba
             expected[:, (positions % segment) % launch.dilation == j % launch.dilation, j] = 1
         assert torch.equal(seen.view(b, n, h), expected), launch
         if max_batch is not None:
-            assert all(call.segs.stop - call.segs.start <= max_batch for call in segments._calls(b, n, launch))
+            assert all(
+                call.segs.stop - call.segs.start <= max_batch for call in segments._calls(b, n, launch)
+            )
 
 
 @pytest.mark.parametrize(
