@@ -34,8 +34,8 @@ from dilated_attn.kernels.geometry import (
     row_source,
 )
 from dilated_attn.kernels.launches import Launch, LaunchPlan
-from dilated_attn.kernels.segments import Epilogues, segment_engine
 from dilated_attn.kernels.segments import backward_launch as segment_backward_launch
+from dilated_attn.kernels.segments import segment_engine
 from dilated_attn.kernels.tuning import (
     TMA_ENV,
     configs_for,
@@ -987,22 +987,10 @@ def backward(
     dk, dv = (make_kv(t.shape, dtype=dtype, device=t.device) for t in (k, v))
     if engine:
         lse = lse.contiguous()
-        with device_guard(q), Epilogues(q) as epilogues:
+        with device_guard(q):
             for launch in plan.launches:
                 segment_backward_launch(
-                    dout,
-                    q,
-                    k,
-                    v,
-                    out,
-                    lse,
-                    dq,
-                    dk,
-                    dv,
-                    launch,
-                    causal=causal,
-                    scale=scale,
-                    epilogues=epilogues,
+                    dout, q, k, v, out, lse, dq, dk, dv, launch, causal=causal, scale=scale
                 )
         return dq, dk, dv
     dlse = None if dlse is None else dlse.contiguous()

@@ -28,7 +28,7 @@ from dilated_attn.kernels.geometry import (
     row_source,
 )
 from dilated_attn.kernels.launches import Launch, LaunchPlan
-from dilated_attn.kernels.segments import Epilogues, first_launch_whole, segment_engine
+from dilated_attn.kernels.segments import first_launch_whole, segment_engine
 from dilated_attn.kernels.segments import forward_launch as segment_forward_launch
 from dilated_attn.kernels.tuning import (
     configs_for,
@@ -332,13 +332,7 @@ def forward(
         else:
             out = torch.empty(q.shape, dtype=dtype, device=q.device)
             lse = torch.empty((b, n, h), dtype=torch.float32, device=q.device)
-        if engine:
-            with Epilogues(q) as epilogues:
-                for launch in launches:
-                    segment_forward_launch(
-                        q, k, v, out, lse, launch, causal=causal, scale=scale, epilogues=epilogues
-                    )
-        else:
-            for launch in launches:
-                forward_launch(q, k, v, out, lse, launch, causal=causal, scale=scale)
+        run = segment_forward_launch if engine else forward_launch
+        for launch in launches:
+            run(q, k, v, out, lse, launch, causal=causal, scale=scale)
     return out, lse

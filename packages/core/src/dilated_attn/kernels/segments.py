@@ -23,10 +23,8 @@ CPU an engine of its own (torch's CPU flash attention) through ``ENGINES``.
 from __future__ import annotations
 
 import os
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from types import TracebackType
 
 import torch
 import triton
@@ -404,64 +402,6 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_ls
     )  # fmt: skip
 
 
-# Library calls whose epilogues may still be running when the next call is issued: bounds the
-# temporaries alive at once (each call's output, or its three gradients) to this many calls' worth.
-EPILOGUE_DEPTH = 2
-# Epilogues on a second stream (``Epilogues``); False runs them inline after each call.
-EPILOGUE_STREAM = True
-
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-class Epilogues:
-    """The memory-bound epilogues of the library calls (merges, gradient copies and additions) on a
-    second stream of the device, so each overlaps the next compute-bound call instead of following it.
-
-    Epilogues run in issue order on that stream (a row's merges and additions keep their order, so
-    results are bitwise those of running them inline); each waits for everything issued on the current
-    stream before it, and leaving the ``with`` block makes the current stream wait for all of them. At
-    most ``EPILOGUE_DEPTH`` epilogues are in flight: the host waits for older ones before issuing more,
-    so the temporaries they hold stay bounded. Inline (no second stream) off CUDA, while a CUDA graph is
-    being captured, and with ``enabled=False`` (default: ``EPILOGUE_STREAM``).
-    """
-
-    def __init__(self, like: torch.Tensor, *, enabled: bool | None = None) -> None:
-        self.side: torch.cuda.Stream | None = None
-        self.pending: deque[tuple[torch.cuda.Event, tuple[torch.Tensor, ...]]] = deque()
-        if enabled is None:
-            enabled = EPILOGUE_STREAM
-        if enabled and like.is_cuda and not torch.cuda.is_current_stream_capturing():
-            self.main = torch.cuda.current_stream(like.device)
-            side = _SIDE_STREAMS.get(like.device)
-            if side is None:
-                side = _SIDE_STREAMS.setdefault(like.device, torch.cuda.Stream(like.device))
-            self.side = side
-
-    def __enter__(self) -> Epilogues:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self.side is not None:
-            self.main.wait_stream(self.side)
-        self.pending.clear()  # freed after the join: later work on the current stream follows them
-
-    def run(self, epilogue: Callable[[], None], *keep: torch.Tensor) -> None:
-        """Issue ``epilogue`` after everything issued so far; ``keep``: temporaries it reads, held until it ran."""
-        if self.side is None:
-            epilogue()
-            return
-        self.side.wait_stream(self.main)
-        with torch.cuda.stream(self.side):
-            epilogue()
-        done = torch.cuda.Event()
-        done.record(self.side)
-        self.pending.append((done, keep))
-        while len(self.pending) > EPILOGUE_DEPTH:
-            self.pending.popleft()[0].synchronize()
-
-
 def forward_launch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -472,34 +412,22 @@ def forward_launch(
     *,
     causal: bool,
     scale: float,
-    epilogues: Epilogues | None = None,
 ) -> None:
     """Run one pattern by the segment engine and merge it into ``out`` and ``lse`` ``(b, n, h)`` (or
-    write them, for the heads' first launch); tensors as ``kernels.forward.forward_launch`` takes them.
-    Merges and copies run on ``epilogues`` (default: inline)."""
+    write them, for the heads' first launch); tensors as ``kernels.forward.forward_launch`` takes them."""
     engine = ENGINES[q.device.type]
-    epilogues = epilogues or Epilogues(q, enabled=False)
     b, n = q.shape[:2]
     for call in _calls(b, n, launch):
         qv, kv, vv, ov, lv = (call.view(t) for t in (q, k, v, out, lse))
         part, part_lse = engine.forward(
             qv.transpose(1, 2), kv.transpose(1, 2), vv.transpose(1, 2), causal, scale
         )
-        epilogues.run(_write_forward(ov, lv, part, part_lse, launch.accumulate), part, part_lse)
-        del part, part_lse  # freed once the epilogue ran, before later calls allocate theirs
-
-
-def _write_forward(
-    ov: torch.Tensor, lv: torch.Tensor, part: torch.Tensor, part_lse: torch.Tensor, accumulate: bool
-) -> Callable[[], None]:
-    def epilogue() -> None:
-        if accumulate:
+        if launch.accumulate:
             merge_into(ov, lv, part.transpose(1, 2), part_lse.transpose(1, 2))
         else:
             ov.copy_(part.transpose(1, 2))
             lv.copy_(part_lse.transpose(1, 2))
-
-    return epilogue
+        del part, part_lse  # freed before the next call allocates its own
 
 
 def first_launch_whole(
@@ -535,34 +463,24 @@ def backward_launch(
     *,
     causal: bool,
     scale: float,
-    epilogues: Epilogues | None = None,
 ) -> None:
     """Add one pattern's gradients into ``dq, dk, dv`` (or write them, for the heads' first launch).
 
     All tensors contiguous ``(b, n, h, d)`` but ``lse`` ``(b, n, h)`` (merged, contiguous); no LSE
-    gradient (``segment_engine``). Additions and copies run on ``epilogues`` (default: inline)."""
+    gradient (``segment_engine``)."""
     engine = ENGINES[q.device.type]
-    epilogues = epilogues or Epilogues(q, enabled=False)
     b, n = q.shape[:2]
-    flags = (launch.accumulate, launch.kv_accumulate, launch.kv_accumulate)
     for call in _calls(b, n, launch, rows_per_call=BACKWARD_ROWS_PER_CALL):
         views = [call.view(t) for t in (dout, q, k, v, out, dq, dk, dv)]
         lv = call.view(lse)
         grads = engine.backward(
             *(t.transpose(1, 2) for t in views[:5]), lv.transpose(1, 2).contiguous(), causal, scale
         )
-        epilogues.run(_write_gradients(views[5:], grads, flags), *grads)
-        del grads  # freed once the epilogue ran, before later calls allocate theirs
-
-
-def _write_gradients(
-    targets: list[torch.Tensor], grads: tuple[torch.Tensor, ...], flags: tuple[bool, ...]
-) -> Callable[[], None]:
-    def epilogue() -> None:
-        for target, grad, accumulate in zip(targets, grads, flags):
+        for target, grad, accumulate in zip(
+            views[5:], grads, (launch.accumulate, launch.kv_accumulate, launch.kv_accumulate)
+        ):
             if accumulate:
                 target.add_(grad.transpose(1, 2))
             else:
                 target.copy_(grad.transpose(1, 2))
-
-    return epilogue
+        del grads, grad  # freed before the next call allocates its own
