@@ -116,6 +116,7 @@ CPU_CASES = [
     ((1, 45, 3, 8), [16, 32], [2, 4], "longnet"),
     ((1, 20, 2, 16), [32, 64], [1, 2], "longnet"),
     ((2, 40, 6, 16), [8, 16, 40], [1, 2, 4], "head_groups"),
+    ((1, 37, 6, 72), [8, 16, 37], [1, 2, 4], "head_groups"),
 ]
 
 
@@ -129,10 +130,14 @@ def test_cpu_engine_matches_oracle(shape, w, r, mode, dtype, causal, through, en
         # The Triton backward's interpreter cannot multiply bf16; test_triton_kernel.py covers that
         # backward on these shapes: here three of them check it after the engine's forward.
         pytest.skip("an LSE gradient takes the interpreted Triton backward (kept to three shapes)")
+    launches = plan_launches(shape[1], shape[2], w, r, mode).launches
+    triton_forward = segments.forward_prefers_triton(launches, shape[-1])
+    if triton_forward and dtype == torch.bfloat16:
+        pytest.skip("this plan's forward is the Triton kernel's, whose bf16 products the interpreter lacks")
     # Small calls in the backward, so that a block's segments split into several.
     monkeypatch.setattr(segments, "BACKWARD_ROWS_PER_CALL", 24)
     _check(shape, w, r, mode=mode, causal=causal, dtype=dtype, device="cpu", through=through)
-    assert engine.forward_calls > 0
+    assert (engine.forward_calls > 0) != triton_forward
     assert (engine.backward_calls > 0) == (through == "out")
 
 
@@ -200,6 +205,27 @@ def test_float32_results_of_a_composer_take_the_triton_kernels(engine, monkeypat
 
 
 @interpreted
+@interpreted
+@pytest.mark.parametrize(
+    "shape, w, r, mode, forward_on_engine",
+    [
+        ((1, 32, 6, 16), [8, 16], [1, 2], "head_groups", False),  # never merges, d <= 64: Triton
+        ((1, 32, 6, 72), [8, 16], [1, 2], "head_groups", True),  # d > 64: the engine
+        ((1, 32, 6, 16), [8, 16], [1, 2], "longnet", True),  # merges: the engine
+        ((1, 32, 6, 16), [32], [1], "longnet", True),  # one whole r = 1 launch: no copy, the engine
+    ],
+)
+def test_forward_that_never_merges_takes_triton_at_small_heads(shape, w, r, mode, forward_on_engine, engine):
+    """Plans whose launches only write (head_groups) copy each call's output on the engine; at head
+    sizes up to 64 the Triton kernel writes in place and was measured faster. The backward stays on the
+    engine either way."""
+    q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+    out, _ = _attend(q, k, v, w, r, mode, False)
+    out.sum().backward()
+    assert (engine.forward_calls > 0) == forward_on_engine
+    assert engine.backward_calls > 0
+
+
 def test_engine_setting_triton_turns_it_off(engine, monkeypatch):
     monkeypatch.setenv(segments.ENGINE_ENV, "triton")
     _check(

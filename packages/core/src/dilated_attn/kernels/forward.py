@@ -28,7 +28,7 @@ from dilated_attn.kernels.geometry import (
     row_source,
 )
 from dilated_attn.kernels.launches import Launch, LaunchPlan
-from dilated_attn.kernels.segments import first_launch_whole, segment_engine
+from dilated_attn.kernels.segments import first_launch_whole, forward_prefers_triton, segment_engine
 from dilated_attn.kernels.segments import forward_launch as segment_forward_launch
 from dilated_attn.kernels.tuning import (
     configs_for,
@@ -313,12 +313,13 @@ def forward(
     """Every launch of ``plan``: ``out`` ``(b, n, h, d)`` in ``out_dtype`` (default: ``q``'s) and
     ``lse`` ``(b, n, h)`` float32. Outputs start zeroed (``lse = -inf``) only when the plan leaves rows
     unwritten, so rows no launch reaches give 0 and ``-inf``. Every launch runs on the segment engine
-    (``kernels.segments``) where it takes these inputs, else on the Triton kernel."""
+    (``kernels.segments``) where it takes these inputs, else on the Triton kernel, which also takes
+    plans that never merge at small head sizes (``segments.forward_prefers_triton``)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     b, n, h, _ = q.shape
     dtype = q.dtype if out_dtype is None else out_dtype
-    engine = segment_engine(q, k, v, result_dtype=dtype)
     launches = plan.launches
+    engine = segment_engine(q, k, v, result_dtype=dtype) and not forward_prefers_triton(launches, q.shape[-1])
     with device_guard(q):
         whole = None
         if engine and launches and not plan.needs_init:
