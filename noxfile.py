@@ -34,7 +34,8 @@ PURE = {
 }
 POOL = "packages/pool-rs"
 # numpy: tests convert tensors with .numpy(); no package imports it.
-TEST_DEPS = ["pytest>=8", "hypothesis>=6.100", "numpy>=1.24"]
+# pytest-xdist: the suite runs on every core (``-n auto``; ``DILATED_ATTN_TEST_WORKERS`` overrides).
+TEST_DEPS = ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "numpy>=1.24"]
 
 
 def _existing(paths: list[str]) -> list[str]:
@@ -52,7 +53,17 @@ def _install_pool(session: nox.Session) -> None:
 
 
 def _pytest(session: nox.Session, *paths: str) -> None:
-    session.run("python", "-m", "pytest", *paths, *session.posargs, env={"DILATED_ATTN_LOAD_PLUGINS": None})
+    workers = os.environ.get("DILATED_ATTN_TEST_WORKERS", "auto")
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "-n",
+        workers,
+        *paths,
+        *session.posargs,
+        env={"DILATED_ATTN_LOAD_PLUGINS": None},
+    )
 
 
 @nox.session(python=PYTHON)
