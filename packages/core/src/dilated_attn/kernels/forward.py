@@ -319,7 +319,7 @@ def forward(
     b, n, h, _ = q.shape
     dtype = q.dtype if out_dtype is None else out_dtype
     launches = plan.launches
-    engine = segment_engine(q, k, v, result_dtype=dtype) and not forward_prefers_triton(launches, q.shape[-1])
+    engine = segment_engine(q, k, v, result_dtype=dtype) and not forward_prefers_triton(launches, q.shape)
     with device_guard(q):
         whole = None
         if engine and launches and not plan.needs_init:

@@ -9,14 +9,16 @@ returns its rows' output and log-sum-exp, which a small Triton kernel merges int
 the fused kernel's own epilogue; the backward takes the merged ``out`` and ``lse`` (so ``P`` and
 ``D = rowsum(dO * O)`` are the merged ones, as in ``kernels.backward``) and adds each call's ``dQ, dK,
 dV`` into the gradients at the same views. A segment shorter than ``W`` at the end of the sequence is
-a call of its own; ``W`` need not be a multiple of ``r``.
+a call of its own; ``W`` need not be a multiple of ``r``. Offset classes one row and one head apart may
+be the heads of a single call (``_Call``).
 
 Where it runs (``segment_engine``, for every launch of a call or none): CUDA on sm_90+, 16-bit inputs
 with 16-byte aligned data, results in the inputs' dtype, head size a multiple of 8 up to 128, K/V
 heads equal to query heads, cuDNN enabled in torch (``torch.backends.cudnn.enabled``,
 ``torch.backends.cuda.enable_cudnn_sdp``); the backward also needs no LSE gradient and not
 ``torch.use_deterministic_algorithms(True)`` (cuDNN's backward sums dQ in a run-dependent order);
-elsewhere the Triton kernels run. ``DILATED_ATTN_ENGINE=triton`` turns the engine off. Tests give the
+elsewhere the Triton kernels run. A forward that never merges and would copy every call's output goes to
+the Triton kernel at small head sizes (``forward_prefers_triton``). ``DILATED_ATTN_ENGINE=triton`` turns the engine off. Tests give the
 CPU an engine of its own (torch's CPU flash attention) through ``ENGINES``.
 """
 
@@ -227,13 +229,26 @@ def segment_engine(
 COPY_FORWARD_MAX_HEAD_DIM = 64
 
 
-def forward_prefers_triton(plan_launches: tuple[Launch, ...], head_dim: int) -> bool:
-    """Whether a forward the engine could run goes to the Triton kernel instead (see above)."""
+def forward_prefers_triton(plan_launches: tuple[Launch, ...], shape: tuple[int, ...]) -> bool:
+    """Whether a forward of ``(b, n, h, d)`` queries (``shape``) the engine could run goes to the Triton
+    kernel instead: no launch merges and the engine would copy (not a single whole ``r = 1`` launch,
+    whose output is used in place), at head sizes up to ``COPY_FORWARD_MAX_HEAD_DIM``."""
+    b, n, h, d = shape
+    if not plan_launches or d > COPY_FORWARD_MAX_HEAD_DIM:
+        return False
+    if any(launch.accumulate for launch in plan_launches):
+        return False
+    return not (len(plan_launches) == 1 and _writes_whole(plan_launches[0], b, n, h))
+
+
+def _writes_whole(launch: Launch, b: int, n: int, h: int) -> bool:
+    """Whether ``launch`` is one call over every row of every head (``first_launch_whole`` takes it)."""
     return (
-        bool(plan_launches)
-        and head_dim <= COPY_FORWARD_MAX_HEAD_DIM
-        and not any(launch.accumulate for launch in plan_launches)
-        and any(launch.dilation != 1 or launch.head0 for launch in plan_launches)
+        launch.dilation == 1
+        and launch.head0 == 0
+        and launch.num_heads == h
+        and n % launch.segment == 0
+        and b * (n // launch.segment) <= MAX_CALL_BATCH
     )
 
 
@@ -279,10 +294,12 @@ class _Call:
     ``(segments, rows, size, ...)`` view whose head index ``c`` is row offset ``o + row_step c`` at
     head ``head + head_step c``.
 
-    Offset classes select one head each when ``r`` is at least the number of heads: the classes
-    ``(o + c, head + c)`` then step one row and one head at a time, a single stride, so a call takes all
-    of them as its heads (``row_step = head_step = 1``) instead of a call per class. Otherwise a call
-    takes one class's heads (``row_step = 0``, ``head_step = r``).
+    Consecutive offset classes ``o, o + 1, ...`` of a launch start at heads ``first, first + 1, ...``
+    (``first`` the launch's first head of offset ``o``): one row and one head apart, a single stride. A
+    run of such classes with the same number of heads and rows is taken either a call per class, over
+    its heads (``row_step = 0``, ``head_step = r``), or a call per head position, over the classes
+    (``row_step = head_step = 1``), whichever makes fewer calls: at ``r >= h`` every class has one head
+    and one call takes them all (``longnet-1m``, 16 heads: 1, 2, 4, 2, 1 calls for r = 1 .. 16).
     """
 
     block: _Block
@@ -454,9 +471,7 @@ def first_launch_whole(
     whole segments) as one call whose output is ``out`` itself (no copy where the engine's output has
     the queries' layout, as cuDNN's has); None for any other launch."""
     b, n, h, d = q.shape
-    if launch.dilation != 1 or launch.head0 or launch.num_heads != h or n % launch.segment:
-        return None
-    if b * (n // launch.segment) > MAX_CALL_BATCH:
+    if not _writes_whole(launch, b, n, h):
         return None
     whole = _Call(_Block(None, 0, n, launch.segment), 0, 0, h, 0, 1, launch.segment, 1, slice(None))
     qv, kv, vv = (whole.view(t).transpose(1, 2) for t in (q, k, v))
