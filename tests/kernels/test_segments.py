@@ -312,9 +312,11 @@ def test_calls_cover_each_selected_row_once(b, n, h, mode, rows_per_call, max_ba
         monkeypatch.setattr(segments, "MAX_CALL_BATCH", max_batch)
     w, r = [8, 12, 20, 128], [1, 3, 4, 5]
     plan = plan_launches(n, h, w, r, mode)
-    index = torch.arange(b * n * h).view(b, n, h, 1)
+    # Two elements per (batch, position, head): a wrong stride or offset along the last dimension
+    # visits one twice and the other never.
+    index = torch.arange(b * n * h * 2).view(b, n, h, 2)
     for launch in plan.launches:
-        seen = torch.zeros(b * n * h, dtype=torch.long)
+        seen = torch.zeros(b * n * h * 2, dtype=torch.long)
         for call in segments._calls(b, n, launch, rows_per_call=rows_per_call):
             view = call.view(index)
             seen.index_add_(0, view.reshape(-1), torch.ones(view.numel(), dtype=torch.long))
@@ -323,7 +325,7 @@ def test_calls_cover_each_selected_row_once(b, n, h, mode, rows_per_call, max_ba
         for j in range(launch.head0, launch.head0 + launch.num_heads):
             positions = torch.arange(n)
             expected[:, (positions % segment) % launch.dilation == j % launch.dilation, j] = 1
-        assert torch.equal(seen.view(b, n, h), expected), launch
+        assert torch.equal(seen.view(b, n, h, 2), expected.unsqueeze(-1).expand(b, n, h, 2)), launch
         if max_batch is not None:
             assert all(
                 call.segs.stop - call.segs.start <= max_batch for call in segments._calls(b, n, launch)

@@ -17,9 +17,10 @@ with 16-byte aligned data, results in the inputs' dtype, head size a multiple of
 heads equal to query heads, cuDNN enabled in torch (``torch.backends.cudnn.enabled``,
 ``torch.backends.cuda.enable_cudnn_sdp``); the backward also needs no LSE gradient and not
 ``torch.use_deterministic_algorithms(True)`` (cuDNN's backward sums dQ in a run-dependent order);
-elsewhere the Triton kernels run. A forward that never merges and would copy every call's output goes to
-the Triton kernel at small head sizes (``forward_prefers_triton``). ``DILATED_ATTN_ENGINE=triton`` turns the engine off. Tests give the
-CPU an engine of its own (torch's CPU flash attention) through ``ENGINES``.
+elsewhere the Triton kernels run. A forward that never merges and would copy every call's output goes
+to the Triton kernel at small head sizes (``forward_prefers_triton``). ``DILATED_ATTN_ENGINE=triton``
+turns the engine off. Tests give the CPU an engine of its own (torch's CPU flash attention) through
+``ENGINES``.
 """
 
 from __future__ import annotations
