@@ -34,6 +34,7 @@ from dilated_attn.kernels.geometry import (
     row_source,
 )
 from dilated_attn.kernels.launches import Launch, LaunchPlan
+from dilated_attn.kernels.rows import start_zeroed
 from dilated_attn.kernels.segments import backward_launch as segment_backward_launch
 from dilated_attn.kernels.segments import segment_engine
 from dilated_attn.kernels.tuning import (
@@ -979,12 +980,21 @@ def backward(
     """
     dout, q, k, v, out = (t.contiguous() for t in (dout, q, k, v, out))
     dtype = q.dtype if grad_dtype is None else grad_dtype
-    make = torch.zeros if plan.needs_init else torch.empty
-    make_kv = torch.zeros if plan.kv_needs_init else torch.empty
     engine = segment_engine(q, k, v, out, dout, result_dtype=dtype, backward=True, dlse=dlse is not None)
     mode = 0 if engine else dq_mode(q, k, v, dout)
-    dq = (torch.empty if mode else make)(q.shape, dtype=dtype, device=q.device)
-    dk, dv = (make_kv(t.shape, dtype=dtype, device=t.device) for t in (k, v))
+    dq = torch.empty(q.shape, dtype=dtype, device=q.device)
+    dk, dv = (torch.empty(t.shape, dtype=dtype, device=t.device) for t in (k, v))
+    # Rows no launch writes start at zero; with dQ from the accumulator (mode != 0) dq is written whole.
+    zeroed = [dq] if plan.needs_init and not mode else []
+    if plan.kv_needs_init:
+        if k.shape[2] == q.shape[2]:
+            zeroed += [dk, dv]
+        else:  # K/V heads shared by a group: a launch's rows of one query head are not a K/V head's
+            dk.zero_()
+            dv.zero_()
+    if zeroed:
+        with device_guard(q):
+            start_zeroed(zeroed, plan.launches)
     if engine:
         lse = lse.contiguous()
         with device_guard(q):

@@ -28,6 +28,7 @@ from dilated_attn.kernels.geometry import (
     row_source,
 )
 from dilated_attn.kernels.launches import Launch, LaunchPlan
+from dilated_attn.kernels.rows import start_zeroed
 from dilated_attn.kernels.segments import first_launch_whole, forward_prefers_triton, segment_engine
 from dilated_attn.kernels.segments import forward_launch as segment_forward_launch
 from dilated_attn.kernels.tuning import (
@@ -327,12 +328,11 @@ def forward(
         if whole is not None:
             out, lse = whole
             launches = launches[1:]
-        elif plan.needs_init:
-            out = torch.zeros(q.shape, dtype=dtype, device=q.device)
-            lse = torch.full((b, n, h), float("-inf"), dtype=torch.float32, device=q.device)
         else:
             out = torch.empty(q.shape, dtype=dtype, device=q.device)
             lse = torch.empty((b, n, h), dtype=torch.float32, device=q.device)
+            if plan.needs_init:
+                start_zeroed([out], launches, stats=lse)
         run = segment_forward_launch if engine else forward_launch
         for launch in launches:
             run(q, k, v, out, lse, launch, causal=causal, scale=scale)

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from dilated_attn.kernels.launches import Launch
+from dilated_attn.kernels.rows import scatter_into
 from dilated_attn.kernels.tuning import head_dim_pad
 
 ENGINE_ENV = "DILATED_ATTN_ENGINE"
@@ -460,7 +461,7 @@ def forward_launch(
         if launch.accumulate:
             merge_into(ov, lv, part.transpose(1, 2), part_lse.transpose(1, 2))
         else:
-            ov.copy_(part.transpose(1, 2))
+            scatter_into([ov], [part.transpose(1, 2)], [False])
             lv.copy_(part_lse.transpose(1, 2))
         del part, part_lse  # freed before the next call allocates its own
 
@@ -509,11 +510,9 @@ def backward_launch(
         grads = engine.backward(
             *(t.transpose(1, 2) for t in views[:5]), lv.transpose(1, 2).contiguous(), causal, scale
         )
-        for target, grad, accumulate in zip(
-            views[5:], grads, (launch.accumulate, launch.kv_accumulate, launch.kv_accumulate)
-        ):
-            if accumulate:
-                target.add_(grad.transpose(1, 2))
-            else:
-                target.copy_(grad.transpose(1, 2))
-        del grads, grad  # freed before the next call allocates its own
+        scatter_into(
+            views[5:],
+            [grad.transpose(1, 2) for grad in grads],
+            (launch.accumulate, launch.kv_accumulate, launch.kv_accumulate),
+        )
+        del grads  # freed before the next call allocates its own
