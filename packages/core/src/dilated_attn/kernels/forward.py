@@ -218,6 +218,9 @@ def _fwd_kernel(
             merged2 = top + tl.math.log2(tl.math.exp2(prev2 - top) + tl.math.exp2(lse2 - top))
             out = prev * tl.math.exp2(prev2 - merged2)[:, None] + out * tl.math.exp2(lse2 - merged2)[:, None]
             lse2 = merged2
+            # Every thread holding a row's LSE loads it before any stores the merged one (the row
+            # vectors may be spread over warps; see segments._merge_kernel).
+            tl.debug_barrier()
         tl.store(O + base + row_offs, out.to(O.dtype.element_ty), mask=row_mask)
         tl.store(LSE + lse_offs, lse2 * LN2, mask=row_valid)
 

@@ -399,7 +399,8 @@ def _merge_kernel(
     rmask = r < rows
     mask = rmask[:, None] & (c < HEAD_DIM)[None, :]
     li = tl.load(L + bb * l_b + hh * l_h + r * l_s, mask=rmask, other=float("-inf"))
-    la = tl.load(M + bb * m_b + hh * m_h + r * m_s, mask=rmask, other=float("-inf"))
+    m_ptrs = M + bb * m_b + hh * m_h + r * m_s
+    la = tl.load(m_ptrs, mask=rmask, other=float("-inf"))
     top = tl.maximum(li, la)
     top = tl.where(top == float("-inf"), 0.0, top)
     ei = tl.exp(li - top)
@@ -413,9 +414,11 @@ def _merge_kernel(
     oa = tl.load(a_ptrs, mask=mask, other=0.0)
     merged = oa.to(tl.float32) * (ea * inv)[:, None] + oi.to(tl.float32) * (ei * inv)[:, None]
     tl.store(a_ptrs, merged.to(A.dtype.element_ty), mask=mask)
-    tl.store(
-        M + bb * m_b + hh * m_h + r * m_s, tl.where(some, top + tl.log(safe_total), float("-inf")), mask=rmask
-    )
+    # A row's LSE is held by threads of several warps: none may store the merged value before all
+    # have loaded the old one (without this barrier rows came out wrong, four at a time, in about a
+    # third of the runs on an H200).
+    tl.debug_barrier()
+    tl.store(m_ptrs, tl.where(some, top + tl.log(safe_total), float("-inf")), mask=rmask)
 
 
 def merge_into(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_lse: torch.Tensor) -> None:
