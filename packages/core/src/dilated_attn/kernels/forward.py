@@ -29,7 +29,7 @@ from dilated_attn.kernels.geometry import (
 )
 from dilated_attn.kernels.launches import Launch, LaunchPlan
 from dilated_attn.kernels.rows import start_zeroed
-from dilated_attn.kernels.segments import first_launch_whole, forward_prefers_triton, segment_engine
+from dilated_attn.kernels.segments import first_launch_whole, segment_engine
 from dilated_attn.kernels.segments import forward_launch as segment_forward_launch
 from dilated_attn.kernels.tuning import (
     configs_for,
@@ -315,15 +315,14 @@ def forward(
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every launch of ``plan``: ``out`` ``(b, n, h, d)`` in ``out_dtype`` (default: ``q``'s) and
-    ``lse`` ``(b, n, h)`` float32. Outputs start zeroed (``lse = -inf``) only when the plan leaves rows
-    unwritten, so rows no launch reaches give 0 and ``-inf``. Every launch runs on the segment engine
-    (``kernels.segments``) where it takes these inputs, else on the Triton kernel, which also takes
-    plans that never merge at small head sizes (``segments.forward_prefers_triton``)."""
+    ``lse`` ``(b, n, h)`` float32. Where the plan leaves rows unwritten, rows no launch reaches give 0
+    and ``-inf`` (``kernels.rows.start_zeroed``). Every launch runs on the segment engine
+    (``kernels.segments``) where it takes these inputs, else on the Triton kernel."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     b, n, h, _ = q.shape
     dtype = q.dtype if out_dtype is None else out_dtype
     launches = plan.launches
-    engine = segment_engine(q, k, v, result_dtype=dtype) and not forward_prefers_triton(launches, q.shape)
+    engine = segment_engine(q, k, v, result_dtype=dtype)
     with device_guard(q):
         whole = None
         if engine and launches and not plan.needs_init:

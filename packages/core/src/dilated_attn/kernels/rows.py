@@ -76,8 +76,12 @@ def _move(S, D, src, dst, mask, ACCUMULATE: tl.constexpr):
     tl.store(D + dst, x.to(D.dtype.element_ty), mask=mask)
 
 
+# Rows per program at head sizes up to 64 (half above), and warps, of the scatter and the zeroing.
+ROWS_TILE = (64, 4)
+
+
 def _rows_block(d: int) -> int:
-    return 32 if d > 64 else 64
+    return ROWS_TILE[0] // 2 if d > 64 else ROWS_TILE[0]
 
 
 def scatter_into(
@@ -116,7 +120,7 @@ def _scatter(group: list[tuple[torch.Tensor, torch.Tensor, bool]]) -> None:
         source.stride(0), source.stride(1), source.stride(2),
         target.stride(0), target.stride(1), target.stride(2),
         HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad(d), BLOCK=block, COUNT=len(group),
-        ACC0=flags[0], ACC1=flags[1], ACC2=flags[2], num_warps=4,
+        ACC0=flags[0], ACC1=flags[1], ACC2=flags[2], num_warps=ROWS_TILE[1],
     )  # fmt: skip
 
 
@@ -197,7 +201,7 @@ def zero_uncovered(
             padded[0], padded[1], padded[2],
             n, launch.segment, launch.dilation, launch.head0, launch.num_heads, row_blocks,
             first.stride(0), first.stride(1), first.stride(2),
-            HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad(d), BLOCK=block, COUNT=len(tensors), num_warps=4,
+            HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad(d), BLOCK=block, COUNT=len(tensors), num_warps=ROWS_TILE[1],
         )  # fmt: skip
     if stats is not None:
         # A whole fill: the rows' 4-byte values one head apart would each take a sector of their own.

@@ -17,8 +17,9 @@ with 16-byte aligned data, results in the inputs' dtype, head size a multiple of
 heads equal to query heads, cuDNN enabled in torch (``torch.backends.cudnn.enabled``,
 ``torch.backends.cuda.enable_cudnn_sdp``); the backward also needs no LSE gradient and not
 ``torch.use_deterministic_algorithms(True)`` (cuDNN's backward sums dQ in a run-dependent order);
-elsewhere the Triton kernels run. A forward that never merges and would copy every call's output goes
-to the Triton kernel at small head sizes (``forward_prefers_triton``). ``DILATED_ATTN_ENGINE=triton``
+elsewhere the Triton kernels run. Calls that do not merge reach their views by ``kernels.rows``'s
+copy (head_groups forwards, once the Triton kernel's to save torch's slower copy; on an H200 at
+``longnet-1m`` the engine with this copy is 2.6 % faster, 4.7 % causal). ``DILATED_ATTN_ENGINE=triton``
 turns the engine off. Tests give the CPU an engine of its own (torch's CPU flash attention) through
 ``ENGINES``.
 """
@@ -224,27 +225,8 @@ def segment_engine(
     return not (backward and (dlse or torch.are_deterministic_algorithms_enabled()))
 
 
-# Head size up to which a forward whose launches never merge (each head one pattern: head_groups) is
-# left to the Triton kernel, which writes each selected row in place where the engine writes a call's
-# output and copies it. H200, 1M tokens, 16 heads: 0.887 vs 0.85 of the segment ceiling at d = 64
-# (0.798 vs 0.767 at 256K); at d = 128 (8 heads) the engine wins, 0.770 vs 0.702.
-COPY_FORWARD_MAX_HEAD_DIM = 64
-
-
-def forward_prefers_triton(plan_launches: tuple[Launch, ...], shape: tuple[int, ...]) -> bool:
-    """Whether a forward of ``(b, n, h, d)`` queries (``shape``) the engine could run goes to the Triton
-    kernel instead: no launch merges and the engine would copy (not a single whole ``r = 1`` launch,
-    whose output is used in place), at head sizes up to ``COPY_FORWARD_MAX_HEAD_DIM``."""
-    b, n, h, d = shape
-    if not plan_launches or d > COPY_FORWARD_MAX_HEAD_DIM:
-        return False
-    if any(launch.accumulate for launch in plan_launches):
-        return False
-    return not (len(plan_launches) == 1 and _writes_whole(plan_launches[0], b, n, h))
-
-
 def _writes_whole(launch: Launch, b: int, n: int, h: int) -> bool:
-    """Whether ``launch`` is one call over every row of every head (``first_launch_whole`` takes it)."""
+    """Whether ``launch`` is one call over every row of every head, whose output is used in place."""
     return (
         launch.dilation == 1
         and launch.head0 == 0
@@ -364,6 +346,10 @@ def _calls(b: int, n: int, launch: Launch, *, rows_per_call: int | None = None) 
                     yield _Call(block, o, head, size, row_step, head_step, rows, r, segs)
 
 
+# Rows per program at head sizes up to 64 (half above), and warps, of the merge.
+MERGE_TILE = (64, 4)
+
+
 @triton.jit
 def _merge_kernel(
     O,
@@ -429,7 +415,8 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_ls
         return
     if part.stride(-1) != 1:
         part = part.contiguous()
-    block = 32 if d > 64 else 64
+    block, warps = MERGE_TILE
+    block = block // 2 if d > 64 else block
     row_blocks = triton.cdiv(rows, block)
     _merge_kernel[(batch * heads * row_blocks,)](
         part, part_lse, out, lse, rows, heads, row_blocks,
@@ -437,7 +424,7 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_ls
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
-        HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad(d), BLOCK=block, num_warps=4,
+        HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad(d), BLOCK=block, num_warps=warps,
     )  # fmt: skip
 
 
