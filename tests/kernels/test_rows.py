@@ -70,6 +70,12 @@ def test_scatter_groups_pairs_by_strides():
     assert torch.equal(a, sa) and torch.equal(b, sb)
     rows.scatter_into([a], [sa], [True])
     assert torch.equal(a, sa + sa)
+    # same strides, other shapes (a narrower view of one buffer): launches of their own
+    buf = torch.zeros(2, 6, 3, 8, device=DEVICE)
+    c, e = buf[:, :4], buf[:, 4:]
+    sc, se = torch.randn(2, 4, 3, 8, device=DEVICE), torch.randn(2, 2, 3, 8, device=DEVICE)
+    rows.scatter_into([c, e], [sc, se], [False, False])
+    assert torch.equal(buf, torch.cat([sc, se], 1))
 
 
 @pytest.mark.parametrize(

@@ -88,12 +88,17 @@ def scatter_into(
     targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], accumulate: Sequence[bool]
 ) -> None:
     """``target += source`` (``accumulate``) or ``target = source`` for each pair, all ``(B, S, hc, d)``
-    with a unit last stride; targets in any dtype (the sum is formed in float32 and rounded once, as
-    torch's ``add_`` does). Pairs whose targets share strides, and whose sources do, go in one launch."""
+        with a unit last stride; targets in any dtype (the sum is formed in float32 and rounded once, as
+        torch's ``add_`` does). Pairs whose targets share shape and strides, and whose sources share
+    strides, go in one launch."""
     pairs = list(zip(targets, sources, accumulate, strict=True))
     while pairs:
         t0, s0 = pairs[0][0], pairs[0][1]
-        group = [p for p in pairs if p[0].stride() == t0.stride() and p[1].stride() == s0.stride()][:3]
+        group = [
+            p
+            for p in pairs
+            if p[0].shape == t0.shape and p[0].stride() == t0.stride() and p[1].stride() == s0.stride()
+        ][:3]
         pairs = [p for p in pairs if not any(p is g for g in group)]
         _scatter(group)
 

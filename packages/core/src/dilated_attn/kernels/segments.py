@@ -17,9 +17,9 @@ with 16-byte aligned data, results in the inputs' dtype, head size a multiple of
 heads equal to query heads, cuDNN enabled in torch (``torch.backends.cudnn.enabled``,
 ``torch.backends.cuda.enable_cudnn_sdp``); the backward also needs no LSE gradient and not
 ``torch.use_deterministic_algorithms(True)`` (cuDNN's backward sums dQ in a run-dependent order);
-elsewhere the Triton kernels run. Calls that do not merge reach their views by ``kernels.rows``'s
-copy (head_groups forwards, once the Triton kernel's to save torch's slower copy; on an H200 at
-``longnet-1m`` the engine with this copy is 2.6 % faster, 4.7 % causal). ``DILATED_ATTN_ENGINE=triton``
+elsewhere the Triton kernels run. Calls' results reach their views by ``kernels.rows``'s copy or
+addition; with it head_groups forwards, once left to the Triton kernel to avoid torch's slower copy,
+run here too (on an H200 at ``longnet-1m`` 2.6 % faster, 4.7 % causal). ``DILATED_ATTN_ENGINE=triton``
 turns the engine off. Tests give the CPU an engine of its own (torch's CPU flash attention) through
 ``ENGINES``.
 """
