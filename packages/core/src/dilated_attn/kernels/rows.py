@@ -27,6 +27,16 @@ from dilated_attn.kernels.tuning import head_dim_pad
 
 
 @triton.jit
+def row_tile(row_blocks, heads, head0, BLOCK: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """(batch, head, rows, columns) of this program's ``BLOCK`` rows of one head on a 1-D grid of
+    ``batch * heads * row_blocks`` programs (heads counted from ``head0``), indices in int64."""
+    pid = tl.program_id(0)
+    bh = pid // row_blocks
+    r = (pid % row_blocks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return (bh // heads).to(tl.int64), (bh % heads + head0).to(tl.int64), r, tl.arange(0, HEAD_DIM_PAD)
+
+
+@triton.jit
 def _scatter_kernel(
     S0,
     D0,
@@ -51,13 +61,7 @@ def _scatter_kernel(
     ACC1: tl.constexpr,
     ACC2: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    block = pid % row_blocks
-    bh = pid // row_blocks
-    hh = (bh % heads).to(tl.int64)
-    bb = (bh // heads).to(tl.int64)
-    r = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    c = tl.arange(0, HEAD_DIM_PAD)
+    bb, hh, r, c = row_tile(row_blocks, heads, 0, BLOCK, HEAD_DIM_PAD)
     mask = (r < rows)[:, None] & (c < HEAD_DIM)[None, :]
     src = bb * s_b + hh * s_h + r[:, None] * s_s + c[None, :]
     dst = bb * d_b + hh * d_h + r[:, None] * d_s + c[None, :]
@@ -148,13 +152,7 @@ def _zero_rows_kernel(
     BLOCK: tl.constexpr,
     COUNT: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    block = pid % row_blocks
-    bh = pid // row_blocks
-    hh = (bh % heads + head0).to(tl.int64)
-    bb = (bh // heads).to(tl.int64)
-    r = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    c = tl.arange(0, HEAD_DIM_PAD)
+    bb, hh, r, c = row_tile(row_blocks, heads, head0, BLOCK, HEAD_DIM_PAD)
     # Rows the launch does not select for this head: the ones to zero.
     rmask = (r < n) & ((r % segment) % dilation != hh % dilation)
     mask = rmask[:, None] & (c < HEAD_DIM)[None, :]

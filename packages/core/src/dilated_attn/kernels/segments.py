@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from dilated_attn.kernels.launches import Launch
-from dilated_attn.kernels.rows import scatter_into
+from dilated_attn.kernels.rows import row_tile, scatter_into
 from dilated_attn.kernels.tuning import head_dim_pad
 
 ENGINE_ENV = "DILATED_ATTN_ENGINE"
@@ -375,13 +375,7 @@ def _merge_kernel(
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    block = pid % row_blocks
-    bh = pid // row_blocks
-    hh = (bh % heads).to(tl.int64)
-    bb = (bh // heads).to(tl.int64)
-    r = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    c = tl.arange(0, HEAD_DIM_PAD)
+    bb, hh, r, c = row_tile(row_blocks, heads, 0, BLOCK, HEAD_DIM_PAD)
     rmask = r < rows
     mask = rmask[:, None] & (c < HEAD_DIM)[None, :]
     li = tl.load(L + bb * l_b + hh * l_h + r * l_s, mask=rmask, other=float("-inf"))
