@@ -704,6 +704,65 @@ def test_cuda_backward_is_bitwise_deterministic(how, monkeypatch):
 
 
 @cuda
+@pytest.mark.parametrize(
+    "dtype, d, config",
+    [
+        (torch.bfloat16, 64, (128, 64, 8, 4)),
+        (torch.bfloat16, 64, (128, 64, 4, 3)),
+        (torch.float32, 64, (64, 32, 8, 2)),
+        (torch.bfloat16, 256, (128, 32, 8, 2)),
+        (torch.float32, 256, (32, 16, 8, 1)),
+    ],
+    ids=[
+        "bf16-d64-128x64w8",
+        "bf16-d64-128x64w4",
+        "fp32-d64-64x32w8",
+        "bf16-d256-128x32w8",
+        "fp32-d256-32x16w8",
+    ],
+)
+def test_cuda_forward_merge_is_right_every_run(dtype, d, config):
+    """The forward's merging epilogue reads a row's LSE and stores the merged one in place, like the
+    engine's merge (test_segments.py): on tiles whose row vectors may span warps, every one of many
+    runs equals a float64 merge of the same launch written alone, rows it does not select are left as
+    they were, and the runs are bitwise equal."""
+    import dataclasses
+
+    from dilated_attn.kernels.forward import forward_launch
+
+    n, h, w, r = (1 << 18 if d == 64 else 1 << 16), 8, 4096, 2
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v, out0 = (torch.randn(1, n, h, d, device="cuda", generator=g).to(dtype) for _ in range(4))
+    lse0 = torch.randn(1, n, h, device="cuda", generator=g)
+    launch = plan_launches(n, h, [w], [r], "longnet").launches[0]
+    scale = d**-0.5
+    part = torch.full_like(out0, float("nan"))
+    part_lse = torch.full_like(lse0, float("nan"))
+    forward_launch(q, k, v, part, part_lse, launch, causal=False, scale=scale, variant={"config": config})
+    chosen = ~torch.isnan(part_lse)
+    assert 0 < int(chosen.sum()) < chosen.numel()  # an offset class per head: some rows, not all
+    new = torch.logaddexp(lse0.double(), part_lse.double())
+    want = (
+        out0.double() * torch.exp(lse0 - new)[..., None]
+        + part.double() * torch.exp(part_lse - new)[..., None]
+    )
+    want = torch.where(chosen[..., None], want, out0.double())
+    new = torch.where(chosen, new, lse0.double())
+    bound = (2**-7 if dtype == torch.bfloat16 else 1e-5) * want.abs().max()
+    merging = dataclasses.replace(launch, accumulate=True)
+    first = None
+    for _ in range(8):
+        out, lse = out0.clone(), lse0.clone()
+        forward_launch(q, k, v, out, lse, merging, causal=False, scale=scale, variant={"config": config})
+        assert (out.double() - want).abs().max() <= bound
+        assert (lse.double() - new).abs().max() <= 1e-5
+        assert torch.equal(out[~chosen], out0[~chosen])
+        if first is None:
+            first = out
+        assert torch.equal(out, first)
+
+
+@cuda
 def test_cuda_auto_prefers_triton():
     q = torch.randn(1, 256, 2, 64, device="cuda", dtype=torch.bfloat16)
     out = dilated_attention(q, q, q, [64, 256], [1, 4])
