@@ -189,25 +189,33 @@ def correctness() -> list[dict[str, Any]]:
         # past 8K (with dQ reductions, below: five accumulator passes of 2048 tokens)
         ((1, 8195, 4, 64), (256, 1024), (1, 3), torch.bfloat16),
     ]
-    rows = []
+    checks = []  # (label, arguments of _check, dQ by tile reductions)
     for shape, w, r, dtype in cases:
         for mode in ("longnet", "head_groups"):
             for causal in (False, True):
                 label = f"{tuple(shape)} w={w} r={r} {str(dtype).removeprefix('torch.')} {mode}{' causal' if causal else ''}"
-                rows.append({"case": label, **_guarded(_check, shape, w, r, dtype, mode, causal)})
+                checks.append((label, (shape, w, r, dtype, mode, causal), False))
     # dQ by tile reductions (opt in) over several accumulator passes, also at d = 128, fp16, batch 2
+    for shape, w, r, dtype in (
+        ((1, 8195, 4, 64), (256, 1024), (1, 3), torch.bfloat16),
+        ((2, 4099, 4, 128), (256, 512, 1024), (1, 3, 4), torch.float16),
+    ):
+        for causal in (False, True):
+            label = f"{tuple(shape)} w={w} r={r} {str(dtype).removeprefix('torch.')} dQ reductions{' causal' if causal else ''}"
+            checks.append((label, (shape, w, r, dtype, "longnet", causal), True))
     from dilated_attn.kernels.backward import DQ_ENV
 
     saved = os.environ.get(DQ_ENV)
-    os.environ[DQ_ENV] = "atomic"
+    rows = []
     try:
-        for shape, w, r, dtype in (
-            ((1, 8195, 4, 64), (256, 1024), (1, 3), torch.bfloat16),
-            ((2, 4099, 4, 128), (256, 512, 1024), (1, 3, 4), torch.float16),
-        ):
-            for causal in (False, True):
-                label = f"{tuple(shape)} w={w} r={r} {str(dtype).removeprefix('torch.')} dQ reductions{' causal' if causal else ''}"
-                rows.append({"case": label, **_guarded(_check, shape, w, r, dtype, "longnet", causal)})
+        for label, arguments, reductions in tqdm(checks, desc="correctness", unit="case"):
+            if reductions:
+                os.environ[DQ_ENV] = "atomic"
+            elif saved is None:
+                os.environ.pop(DQ_ENV, None)
+            else:
+                os.environ[DQ_ENV] = saved
+            rows.append({"case": label, **_guarded(_check, *arguments)})
     finally:
         if saved is None:
             os.environ.pop(DQ_ENV, None)
@@ -646,24 +654,33 @@ def main(args: argparse.Namespace) -> int:
         },
     }
 
+    def save() -> None:
+        """Written after every section, so that a run stopped part-way keeps what it measured."""
+        with open(out, "w") as fh:
+            json.dump(results, fh, indent=2, default=str)
+
     sections = set(args.sections)
     results["tuning_forward"] = _guarded(one_call, n, grad=False)
     results["tuning_forward_backward"] = _guarded(one_call, n, grad=True)
+    save()
     if "correctness" in sections:
         results["correctness"] = correctness()
+        save()
     if "targets" in sections:
         results["targets"] = target_rows(n, args.runs)
+        save()
     if "comparisons" in sections:
         results["comparisons"] = comparisons(n, args.runs)
         results["sdpa_fwd"] = _guarded(throughput, n, "longnet", "sdpa", grad=False)
         results["exact_fwd"] = _guarded(throughput, n, "longnet", "triton", grad=False)
         results["memory_fwd"] = _guarded(peak_memory, n, grad=False)
+        save()
     if "longest" in sections:
         results["longest_fwd"] = longest(args.longest, grad=False)
         results["longest_fwd_bwd"] = longest(args.longest, grad=True)
+        save()
     results["tuned_configs"] = _guarded(tuned_configs)
-    with open(out, "w") as fh:
-        json.dump(results, fh, indent=2, default=str)
+    save()
     _print_table(results)
     return 0 if all(row.get("passed") for row in results.get("correctness", [])) else 1
 
