@@ -8,6 +8,7 @@ so every case checks both.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -59,9 +60,7 @@ class _Counting:
             self.backward_calls += 1
             return self.engine.backward(*args)
 
-        counted = segments.Engine(
-            forward, backward, self.engine.dtypes, self.engine.max_head_dim, self.engine.min_capability
-        )
+        counted = dataclasses.replace(self.engine, forward=forward, backward=backward)
         monkeypatch.setitem(segments.ENGINES, device, counted)
 
 
@@ -216,6 +215,33 @@ def test_engine_setting_triton_turns_it_off(engine, monkeypatch):
     assert engine.forward_calls == engine.backward_calls == 0
 
 
+@interpreted
+@pytest.mark.parametrize(
+    "head_dim, forward_on_engine, backward_on_engine",
+    [(16, False, False), (24, False, True), (32, False, True), (40, True, True), (64, True, True)],
+)
+def test_small_head_sizes_take_the_triton_kernels(
+    head_dim, forward_on_engine, backward_on_engine, monkeypatch
+):
+    """Where an engine is slower than the Triton kernels (cuDNN below 64-wide forward tiles and 32-wide
+    backward ones, ``ENGINES['cuda'].faster_from``), those take the call; the results stay exact."""
+    counting = _Counting(dataclasses.replace(CPU_ENGINE, faster_from=segments.ENGINES["cuda"].faster_from))
+    counting.install(monkeypatch, "cpu")
+    monkeypatch.delenv(segments.ENGINE_ENV, raising=False)
+    _check(
+        (1, 40, 2, head_dim),
+        [8, 16],
+        [1, 2],
+        mode="longnet",
+        causal=False,
+        dtype=torch.float32,
+        device="cpu",
+        through="out",
+    )
+    assert (counting.forward_calls > 0) == forward_on_engine
+    assert (counting.backward_calls > 0) == backward_on_engine
+
+
 def test_engine_setting_is_checked(monkeypatch):
     monkeypatch.setenv(segments.ENGINE_ENV, "cudnn-please")
     with pytest.raises(ValueError, match="DILATED_ATTN_ENGINE='cudnn-please' must be one of"):
@@ -326,13 +352,13 @@ def test_offset_classes_of_one_head_share_a_call(n, h, w, r, mode, expected):
 
 # -- GPU, medium sizes (cuDNN) --------------------------------------------------------------------
 
-# Every case runs forward and backward on the engine (head_groups at d = 32 and d = 128 too).
+# Every case runs forward and backward on the engine (head_groups at d = 48 and d = 128 too).
 CUDA_CASES = [
     ((2, 1000, 6, 64), [128, 256, 512, 2048], [1, 2, 4, 3], "longnet"),
     ((1, 4099, 4, 64), [512, 1024, 2048, 4096], [1, 2, 4, 8], "longnet"),
     ((1, 8192, 16, 64), [2048, 4096, 8192], [1, 2, 4], "longnet"),
     ((1, 2050, 5, 128), [256, 1024, 2050], [2, 3, 5], "longnet"),
-    ((1, 1537, 3, 32), [512, 1537], [1, 4], "head_groups"),
+    ((1, 1537, 3, 48), [512, 1537], [1, 4], "head_groups"),
     ((2, 4096, 6, 128), [1024, 2048, 4096], [1, 2, 4], "head_groups"),
     ((1, 999, 2, 80), [333, 999], [1, 3], "longnet"),
 ]

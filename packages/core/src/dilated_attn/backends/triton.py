@@ -3,8 +3,9 @@
 Strided views and loads (no gather copies), one pattern at a time merged in place by log-sum-exp. A
 pattern's segments run on cuDNN's fused attention over strided views (the segment engine,
 ``dilated_attn.kernels.segments``: sm_90+, fp16/bf16, head_dim a multiple of 8 up to 128, K/V heads
-equal to query heads) or on the Triton kernels (everything else, LSE gradients, deterministic
-backwards, ``DILATED_ATTN_ENGINE=triton``). CUDA only, or the CPU under ``TRITON_INTERPRET=1``
+equal to query heads) or on the Triton kernels (everything else, forwards at head_dim <= 32 and
+backwards at <= 16, where they are faster, LSE gradients, deterministic backwards,
+``DILATED_ATTN_ENGINE=triton``). CUDA only, or the CPU under ``TRITON_INTERPRET=1``
 (Triton's interpreter, for tests at small sizes: they register ``triton_backend`` for the CPU under a
 name of their own).
 """
