@@ -721,7 +721,8 @@ def test_cuda_backward_is_bitwise_deterministic(how, monkeypatch):
         "fp32-d256-32x16w8",
     ],
 )
-def test_cuda_forward_merge_is_right_every_run(dtype, d, config):
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_cuda_forward_merge_is_right_every_run(dtype, d, config, causal):
     """The forward's merging epilogue reads a row's LSE and stores the merged one in place, like the
     engine's merge (test_segments.py): on tiles whose row vectors may span warps, every one of many
     runs equals a float64 merge of the same launch written alone, rows it does not select are left as
@@ -733,14 +734,16 @@ def test_cuda_forward_merge_is_right_every_run(dtype, d, config):
     n, h, w, r = (1 << 18 if d == 64 else 1 << 16), 8, 4096, 2
     g = torch.Generator(device="cuda").manual_seed(3)
     q, k, v, out0 = (torch.randn(1, n, h, d, device="cuda", generator=g).to(dtype) for _ in range(4))
-    lse0 = torch.randn(1, n, h, device="cuda", generator=g)
     launch = plan_launches(n, h, [w], [r], "longnet").launches[0]
     scale = d**-0.5
     part = torch.full_like(out0, float("nan"))
-    part_lse = torch.full_like(lse0, float("nan"))
-    forward_launch(q, k, v, part, part_lse, launch, causal=False, scale=scale, variant={"config": config})
+    part_lse = torch.full((1, n, h), float("nan"), device="cuda")
+    forward_launch(q, k, v, part, part_lse, launch, causal=causal, scale=scale, variant={"config": config})
     chosen = ~torch.isnan(part_lse)
-    assert 0 < int(chosen.sum()) < chosen.numel()  # an offset class per head: some rows, not all
+    assert int(chosen.sum()) == n * h // r  # each head's offset class: every r-th row
+    # Earlier rows' LSEs near the launch's own, so that both sides of every merge carry weight.
+    noise = torch.randn(1, n, h, device="cuda", generator=g)
+    lse0 = torch.where(chosen, part_lse + noise, noise)
     new = torch.logaddexp(lse0.double(), part_lse.double())
     want = (
         out0.double() * torch.exp(lse0 - new)[..., None]
@@ -753,13 +756,13 @@ def test_cuda_forward_merge_is_right_every_run(dtype, d, config):
     first = None
     for _ in range(8):
         out, lse = out0.clone(), lse0.clone()
-        forward_launch(q, k, v, out, lse, merging, causal=False, scale=scale, variant={"config": config})
+        forward_launch(q, k, v, out, lse, merging, causal=causal, scale=scale, variant={"config": config})
         assert (out.double() - want).abs().max() <= bound
         assert (lse.double() - new).abs().max() <= 1e-5
-        assert torch.equal(out[~chosen], out0[~chosen])
+        assert torch.equal(out[~chosen], out0[~chosen]) and torch.equal(lse[~chosen], lse0[~chosen])
         if first is None:
-            first = out
-        assert torch.equal(out, first)
+            first = out, lse
+        assert torch.equal(out, first[0]) and torch.equal(lse, first[1])
 
 
 @cuda

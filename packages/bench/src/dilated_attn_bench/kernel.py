@@ -195,7 +195,8 @@ def correctness() -> list[dict[str, Any]]:
             for causal in (False, True):
                 label = f"{tuple(shape)} w={w} r={r} {str(dtype).removeprefix('torch.')} {mode}{' causal' if causal else ''}"
                 checks.append((label, (shape, w, r, dtype, mode, causal), False))
-    # dQ by tile reductions (opt in) over several accumulator passes, also at d = 128, fp16, batch 2
+    # dQ by tile reductions (opt in) over several accumulator passes, also at d = 128, fp16, batch 2: a
+    # Triton backward, so with the segment engine off (it would take these 16-bit backwards)
     for shape, w, r, dtype in (
         ((1, 8195, 4, 64), (256, 1024), (1, 3), torch.bfloat16),
         ((2, 4099, 4, 128), (256, 512, 1024), (1, 3, 4), torch.float16),
@@ -204,23 +205,24 @@ def correctness() -> list[dict[str, Any]]:
             label = f"{tuple(shape)} w={w} r={r} {str(dtype).removeprefix('torch.')} dQ reductions{' causal' if causal else ''}"
             checks.append((label, (shape, w, r, dtype, "longnet", causal), True))
     from dilated_attn.kernels.backward import DQ_ENV
+    from dilated_attn.kernels.segments import ENGINE_ENV
 
-    saved = os.environ.get(DQ_ENV)
+    saved = {name: os.environ.get(name) for name in (DQ_ENV, ENGINE_ENV)}
+
+    def setting(values: dict[str, str | None]) -> None:
+        for name, value in values.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
     rows = []
     try:
         for label, arguments, reductions in tqdm(checks, desc="correctness", unit="case"):
-            if reductions:
-                os.environ[DQ_ENV] = "atomic"
-            elif saved is None:
-                os.environ.pop(DQ_ENV, None)
-            else:
-                os.environ[DQ_ENV] = saved
+            setting({DQ_ENV: "atomic", ENGINE_ENV: "triton"} if reductions else saved)
             rows.append({"case": label, **_guarded(_check, *arguments)})
     finally:
-        if saved is None:
-            os.environ.pop(DQ_ENV, None)
-        else:
-            os.environ[DQ_ENV] = saved
+        setting(saved)
     return rows
 
 

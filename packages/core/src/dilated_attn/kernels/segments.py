@@ -14,7 +14,7 @@ be the heads of a single call (``_Call``).
 
 Where it runs (``segment_engine``, for every launch of a call or none): CUDA on sm_90+, 16-bit inputs
 with 16-byte aligned data, results in the inputs' dtype, head size a multiple of 8 up to 128 (and
-above 32 in the forward, above 16 in the backward: below, the Triton kernels are faster), K/V
+above 32 in the forward, above 16 in the backward: at or below, the Triton kernels are faster), K/V
 heads equal to query heads, cuDNN enabled in torch (``torch.backends.cudnn.enabled``,
 ``torch.backends.cuda.enable_cudnn_sdp``); the backward also needs no LSE gradient and not
 ``torch.use_deterministic_algorithms(True)`` (cuDNN's backward sums dQ in a run-dependent order);
@@ -60,8 +60,8 @@ class Engine:
     max_head_dim: int
     min_capability: tuple[int, int] | None  # CUDA only
     # Padded head sizes (``tuning.head_dim_pad``) from which the engine is faster than the Triton
-    # kernels, (forward, backward): below them the Triton kernels take the call.
-    faster_from: tuple[int, int] = (16, 16)
+    # kernels, (forward, backward): below them the Triton kernels take the call (0: at every size).
+    faster_from: tuple[int, int] = (0, 0)
 
 
 def _one_row_forward(
