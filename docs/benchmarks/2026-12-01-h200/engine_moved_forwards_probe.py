@@ -1,4 +1,4 @@
-# Ran at 162ebea (before the engine's head-size rule) on one H200, 2026-12-01 04:40-04:50 UTC:
+# Ran at 162ebea (before the engine's head-size rule) on one H200, 2026-12-01 04:38-04:45 UTC:
 #   python3 engine_moved_forwards_probe.py  (OUT: a folder for its JSON)
 # ruff: noqa: B023, F821  (each closure is called in the loop iteration that made it; the loop deletes its tensors)
 """Probe: forwards that took the Triton kernel before cf22b32 (one r > 1 pattern; r = 1 with a short last
