@@ -92,8 +92,8 @@ def scatter_into(
     targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], accumulate: Sequence[bool]
 ) -> None:
     """``target += source`` (``accumulate``) or ``target = source`` for each pair, all ``(B, S, hc, d)``
-        with a unit last stride; targets in any dtype (the sum is formed in float32 and rounded once, as
-        torch's ``add_`` does). Pairs whose targets share shape and strides, and whose sources share
+    with a unit last stride; targets in any dtype (the sum is formed in float32 and rounded once, as
+    torch's ``add_`` does). Pairs whose targets share shape and strides, and whose sources share
     strides, go in one launch."""
     pairs = list(zip(targets, sources, accumulate, strict=True))
     while pairs:
